@@ -1,0 +1,3 @@
+from hwr_dist.cli import main
+
+main()

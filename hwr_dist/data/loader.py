@@ -1,0 +1,77 @@
+"""Batches drawn by index from one uint8 tensor per split, already on the training device.
+
+The epoch's order is a permutation seeded by (seed, epoch), identical on every rank;
+rank r takes every world-th element of it, so shards are disjoint, equal in length, and
+the same order is rebuilt exactly on resume from (epoch, batch index) alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hwr_dist.data import Split
+from hwr_dist.data.augment import augment
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+@dataclass
+class ShardedBatches:
+    n: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def shard_len(self) -> int:
+        return self.n // self.world  # the last n % world items of an epoch are left out
+
+    def __len__(self) -> int:
+        return -(-self.shard_len // self.batch_size)
+
+    def shard(self, epoch: int) -> torch.Tensor:
+        perm = epoch_permutation(self.n, self.seed, epoch)
+        return perm[self.rank : self.shard_len * self.world : self.world]
+
+    def batches(self, epoch: int, start: int = 0):
+        """Index tensors of this rank's batches in `epoch`, from batch number `start` on."""
+        shard = self.shard(epoch)
+        for i in range(start, len(self)):
+            yield shard[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+@dataclass
+class DeviceData:
+    """One split on the device, with the normalisation the model was trained with."""
+
+    images: torch.Tensor  # uint8 [N, H, W] on the device
+    labels: torch.Tensor  # int64 [N] on the device
+    mean: float
+    std: float
+
+    @classmethod
+    def from_split(cls, split: Split, device, mean: float, std: float) -> "DeviceData":
+        return cls(split.images.to(device), split.labels.to(device), mean, std)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, g: torch.Generator | None = None, aug=None):
+        """(normalised float images [B, 1, H, W], labels) for the given indices."""
+        idx = idx.to(self.images.device, non_blocking=True)
+        x = self.images[idx].unsqueeze(1).float().div_(255)
+        if aug is not None and aug.enabled:
+            x = augment(x, g, aug)
+        return x.sub_(self.mean).div_(self.std), self.labels[idx]
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of a uint8 image tensor in [0, 1] units (MNIST: 0.1307, 0.3081)."""
+    x = images.float().div_(255)
+    return x.mean().item(), max(x.std().item(), 1e-3)

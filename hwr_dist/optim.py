@@ -1,0 +1,74 @@
+"""Optimizer, learning-rate schedule and weight EMA.
+
+The schedule is a pure function of the optimizer step (nanoGPT's `get_lr`): it steps
+exactly once per optimizer step whatever the number of processes, and its whole state
+is the step number the checkpoint already holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def get_lr(step: int, total_steps: int, steps_per_epoch: int, base_lr: float, cfg) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`."""
+    if cfg.name == "constant":
+        return base_lr
+    if cfg.name == "step":
+        return base_lr * cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_fraction * total_steps)
+    floor = base_lr * cfg.min_lr_ratio
+    if step < warmup:
+        # onecycle starts from the floor, cosine (with linear warmup) from zero
+        start = floor if cfg.name == "onecycle" else 0.0
+        return start + (base_lr - start) * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """No weight decay on biases and norm weights; every group carries an `lr_scale`."""
+    groups = getattr(model, "param_groups", None)
+    named = groups() if callable(groups) else [("", 1.0, list(model.named_parameters()))]
+    params = []
+    for _, lr_scale, items in named:
+        decay = [p for n, p in items if p.ndim > 1]
+        no_decay = [p for n, p in items if p.ndim <= 1]
+        params += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": lr_scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
+    params = [g for g in params if g["params"]]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers, for evaluation."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v, 1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)

@@ -1,0 +1,87 @@
+"""`hwr predict`: real images through the same MNIST-style preprocessing, one table or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from hwr_dist.errors import HwrError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Files as given; folders become their image files, sorted."""
+    out = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def read_characters(path: Path, segment: bool) -> torch.Tensor:
+    """uint8 [K, 28, 28]: one image, or each character of a row when segmenting."""
+    from hwr_dist.data.preprocess import mnist_style, open_image, segment_row
+
+    if not path.exists():
+        raise HwrError(f"{path} does not exist")
+    img = open_image(path)
+    crops = segment_row(img) if segment else [img]
+    if not crops:
+        raise HwrError(f"{path}: no characters found")
+    return torch.stack([mnist_style(c) for c in crops])
+
+
+def predict_files(checkpoint: Path, paths: list[Path], top_k: int, json_out: bool, segment: bool) -> int:
+    """Print predictions; unusable files are reported with the reason and skipped. Returns their count."""
+    from hwr_dist.inference import load_trained
+
+    trained = load_trained(checkpoint)
+    files = expand(paths)
+    if not files:
+        raise HwrError("no image files found in the given paths")
+    k = min(top_k, len(trained.classes))
+    results, failures = [], 0
+    for path in files:
+        try:
+            chars = read_characters(path, segment)
+        except HwrError as e:
+            failures += 1
+            results.append({"file": str(path), "error": str(e)})
+            continue
+        probs = trained.probabilities(chars)
+        top = probs.topk(k, dim=1)
+        per_char = [[{"class": trained.classes[i], "probability": round(float(p), 4)}
+                     for p, i in zip(ps.tolist(), ix.tolist())] for ps, ix in zip(top.values, top.indices)]
+        item = {"file": str(path), "prediction": "".join(c[0]["class"] for c in per_char),
+                "probability": round(float(top.values[:, 0].prod()), 4), "top": per_char[0] if not segment else None}
+        if segment:
+            item["characters"] = per_char
+        results.append(item)
+    if json_out:
+        print(json.dumps(results, indent=1))
+    else:
+        print_table(results)
+    return failures
+
+
+def print_table(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for col in ("file", "prediction", "probability", "top"):
+        table.add_column(col)
+    for r in results:
+        if "error" in r:
+            table.add_row(r["file"], "[red]skipped", "", f"[red]{r['error']}")
+            continue
+        top = r["top"] or [c[0] for c in r["characters"]]
+        table.add_row(r["file"], r["prediction"], f"{r['probability']:.3f}",
+                      "  ".join(f"{c['class']} {c['probability']:.2f}" for c in top))
+    Console(file=sys.stdout).print(table)

@@ -1,0 +1,437 @@
+"""The training loop. `python -m hwr_dist.train CONFIG [key=value ...]` and `hwr train` run this.
+
+Launch it under `accelerate launch` or `torchrun` for several processes; the code is the
+same. Read `train()` first: it is the whole loop, and everything else is a small helper.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hwr_dist.checkpoint import atomic_save, load_checkpoint, load_model_state, prune_step_checkpoints
+from hwr_dist.config import Config, load_config, to_yaml
+from hwr_dist.data import load_dataset, stratified_split
+from hwr_dist.data.loader import DeviceData, ShardedBatches, pixel_stats
+from hwr_dist.display import Display
+from hwr_dist.errors import HwrError, TrainingDiverged, exit_on_error
+from hwr_dist.evaluate import EvalResult, evaluate
+from hwr_dist.models import build_model
+from hwr_dist.optim import EMA, build_optimizer, get_lr, set_lr
+from hwr_dist.preempt import PREEMPTED_FILE, StopFlag, write_preempted
+from hwr_dist.tracking import Tracker, truncate_metrics
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    """Where the run is; with the RNG states, enough to continue bit-exactly."""
+
+    epoch: int = 0  # current epoch, 0-based
+    batch: int = 0  # micro-batches of this rank's shard done in the current epoch
+    step: int = 0  # optimizer steps done
+    best_accuracy: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the best, for early stopping
+    tracker_run_id: str = ""
+
+
+@dataclass
+class Data:
+    classes: list[str]
+    train: DeviceData
+    val: DeviceData
+    test: DeviceData
+
+
+@dataclass
+class Run:
+    cfg: Config
+    acc: "accelerate.Accelerator"  # noqa: F821
+    run_dir: Path
+    data: Data
+    batches: ShardedBatches
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    gen: torch.Generator  # augmentation randomness, one stream per rank
+    state: TrainState
+    tracker: Tracker
+    display: Display
+    stop: StopFlag
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.batches) // self.cfg.train.grad_accum_steps)
+
+    @property
+    def total_steps(self) -> int:
+        full = self.steps_per_epoch * self.cfg.train.epochs
+        return min(full, self.cfg.train.max_steps) if self.cfg.train.max_steps else full
+
+
+def train(run: Run) -> str:
+    """Run the loop from `run.state` to the end; returns 'completed', 'early-stopped' or 'preempted'."""
+    cfg, state = run.cfg, run.state
+    accum = cfg.train.grad_accum_steps
+    meter = Meter(run.acc.device)
+    if state.step >= run.total_steps:
+        return "completed"
+    for epoch in range(state.epoch, cfg.train.epochs):
+        state.epoch = epoch
+        windows = list(run.batches.batches(epoch, state.batch))
+        for w in range(0, len(windows), accum):
+            window = windows[w : w + accum]
+            lr = get_lr(state.step, run.total_steps, run.steps_per_epoch, cfg.optim.lr, cfg.schedule)
+            set_lr(run.optimizer, lr)
+            loss, grad_norm = train_step(run, window, want_norm=(state.step + 1) % cfg.train.log_every == 0)
+            state.step += 1
+            state.batch += len(window)
+            meter.add(loss, sum(len(i) for i in window))
+            last_step = state.step >= run.total_steps
+            save_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+            if state.step % cfg.train.log_every == 0 or save_due or last_step:
+                stop = check_and_log(run, meter, lr, grad_norm)
+                if save_due or stop:
+                    save_checkpoint(run, step_file=bool(save_due))
+                if stop:
+                    return preempted(run)
+            run.display.step(state.step, epoch)
+            if last_step:
+                break
+        if state.batch >= len(run.batches):  # epoch finished (not cut short by max_steps)
+            state.epoch, state.batch = epoch + 1, 0
+        improved = end_of_epoch(run, epoch)
+        save_checkpoint(run, best=improved)
+        if state.step >= run.total_steps:
+            return "completed"
+        if cfg.train.early_stopping_patience and state.bad_epochs >= cfg.train.early_stopping_patience:
+            run.display.print(f"early stopping: no better validation accuracy for {state.bad_epochs} epochs")
+            return "early-stopped"
+    return "completed"
+
+
+def train_step(run: Run, window: list[torch.Tensor], want_norm: bool) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over a window of micro-batches; all-reduce only on the last one."""
+    acc, model, cfg = run.acc, run.model, run.cfg
+    total = torch.zeros((), device=acc.device)
+    for i, idx in enumerate(window):
+        x, y = run.data.train.batch(idx, run.gen, cfg.data.augment)
+        if cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        sync = i == len(window) - 1
+        with nullcontext() if sync else acc.no_sync(model):
+            with acc.autocast():
+                logits = model(x)
+            # Divide by the window's real length: a short last window is scaled right.
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing) / len(window)
+            acc.backward(loss)
+        total += loss.detach()
+    grad_norm = None
+    if cfg.optim.grad_clip > 0:
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+    elif want_norm:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.acc.unwrap_model(model))
+    return total, grad_norm
+
+
+class Meter:
+    """Loss and throughput since the last log line, kept on the device (no per-step sync)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.steps = 0
+        self.images = 0
+        self.since = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss += loss.double()
+        self.steps += 1
+        self.images += images
+
+
+def check_and_log(run: Run, meter: Meter, lr: float, grad_norm: float | None) -> bool:
+    """The periodic sync point: agree on loss, NaN and stop requests across ranks; log."""
+    acc, state = run.acc, run.state
+    packed = torch.stack([meter.loss, torch.tensor(float(meter.steps), dtype=torch.float64, device=meter.device),
+                          torch.tensor(float(run.stop.local()), dtype=torch.float64, device=meter.device)])
+    if acc.num_processes > 1:
+        packed = acc.reduce(packed, "sum")
+    loss_sum, steps, stop = packed.tolist()
+    loss = loss_sum / max(1.0, steps)
+    if not torch.isfinite(torch.tensor(loss)):
+        last = run.ckpt_dir / "last.pt"
+        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(f"loss became {loss} by step {state.step}; {kept}; "
+                               "lower optim.lr or set optim.grad_clip=1.0")
+    elapsed = time.perf_counter() - meter.since
+    metrics = {"epoch": state.epoch + 1, "loss": loss, "lr": lr,
+               "images_per_s": meter.images * acc.num_processes / max(elapsed, 1e-9)}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    run.tracker.log(metrics, state.step)
+    run.display.step(state.step, state.epoch, metrics)
+    meter.reset()
+    return stop > 0
+
+
+def eval_model(run: Run) -> torch.nn.Module:
+    """The weights to evaluate: the EMA copy when enabled, else the model itself (unwrapped)."""
+    model = run.acc.unwrap_model(run.model)
+    if run.ema is None:
+        return model
+    import copy
+
+    shadow = copy.deepcopy(model)
+    shadow.load_state_dict(run.ema.state_dict())
+    return shadow
+
+
+def end_of_epoch(run: Run, epoch: int) -> bool:
+    """Validate; track the best validation accuracy. Returns whether this epoch is the best."""
+    state = run.state
+    if len(run.data.val) == 0:
+        state.best_epoch = epoch
+        return True
+    result = evaluate(eval_model(run), run.data.val, len(run.data.classes), run.cfg.data.eval_batch_size, run.acc)
+    improved = result.accuracy > state.best_accuracy
+    if improved:
+        state.best_accuracy, state.best_epoch, state.bad_epochs = result.accuracy, epoch, 0
+    else:
+        state.bad_epochs += 1
+    run.tracker.log({"epoch": epoch + 1, "val_accuracy": result.accuracy, "val_loss": result.loss}, state.step)
+    run.display.print(f"epoch {epoch + 1}: val accuracy {result.accuracy:.2%} loss {result.loss:.4f}"
+                      f"{' (best)' if improved else ''}")
+    return improved
+
+
+def rng_state(run: Run) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "augment": run.gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run: Run, best: bool = False, step_file: bool = False) -> None:
+    """Every rank contributes its RNG state; the main process writes last.pt (and best/step)."""
+    rng = [rng_state(run)]
+    if run.acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rng = gather_object(rng)
+    if not run.acc.is_main_process:
+        return
+    scaler = getattr(run.acc, "scaler", None)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "model": run.acc.unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "state": asdict(run.state),
+        "rng": rng,
+        "world_size": run.acc.num_processes,
+        "config": run.cfg.to_dict(),
+        "classes": run.data.classes,
+        "norm": [run.data.train.mean, run.data.train.std],
+    }
+    last = run.ckpt_dir / "last.pt"
+    atomic_save(ckpt, last)
+    for name, wanted in (("best.pt", best), (f"step-{run.state.step:08d}.pt", step_file)):
+        if wanted:  # a hard link: the same bytes, no second write; replaced atomically
+            tmp = run.ckpt_dir / f".{name}.link"
+            tmp.unlink(missing_ok=True)
+            os.link(last, tmp)
+            os.replace(tmp, run.ckpt_dir / name)
+    if step_file:
+        prune_step_checkpoints(run.ckpt_dir, run.cfg.checkpoint.keep_last)
+
+
+def restore(run: Run, ckpt: dict, source: Path) -> str:
+    """Put model, optimizer, EMA, counters and this rank's RNG back as they were saved."""
+    load_model_state(run.acc.unwrap_model(run.model), ckpt["model"], str(source))
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    scaler = getattr(run.acc, "scaler", None)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None and ckpt.get("ema"):
+        run.ema.load_state_dict(ckpt["ema"])
+    run.state = TrainState(**ckpt["state"])
+    rank, world = run.acc.process_index, run.acc.num_processes
+    if ckpt["world_size"] == world:
+        rng = ckpt["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        run.gen.set_state(rng["augment"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return ""
+    if run.state.batch:  # shards differ with the world size: go on from the next epoch
+        run.state.epoch, run.state.batch = run.state.epoch + 1, 0
+    return (f"[yellow]checkpoint was written by {ckpt['world_size']} processes, this run has {world}: "
+            "random augmentation streams start afresh")
+
+
+def preempted(run: Run) -> str:
+    if run.acc.is_main_process:
+        write_preempted(run.run_dir, run.state.step, run.stop.reason())
+    run.display.print(f"stopped at step {run.state.step} ({run.stop.reason()}); checkpoint saved, "
+                      "continue with train.resume=auto")
+    return "preempted"
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise HwrError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    if cfg.train.mixed_precision == "fp16" and use_cpu:
+        raise HwrError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 on CPU")
+    # cpu=True matters: without it a CPU multi-process launch silently runs without DDP.
+    acc = Accelerator(cpu=use_cpu, mixed_precision=cfg.train.mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise HwrError(f"the launcher started {launched} processes but training sees {acc.num_processes}: "
+                       "DDP is not set up; on CPU launch with --multi_gpu and ACCELERATE_USE_CPU=1, or use torchrun")
+    return acc
+
+
+def load_data(cfg: Config, device, seed: int) -> Data:
+    bundle = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
+    train, val = stratified_split(bundle.train, cfg.data.val_fraction, seed)
+    if len(train) == 0:
+        raise HwrError(f"data set {cfg.data.name} has no training images left; lower data.val_fraction")
+    mean, std = pixel_stats(train.images)
+    return Data(bundle.classes, *(DeviceData.from_split(s, device, mean, std) for s in (train, val, bundle.test)))
+
+
+def find_resume(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
+    last = run_dir / "checkpoints" / "last.pt"
+    if cfg.train.resume == "":
+        if last.exists():
+            raise HwrError(f"{run_dir} already holds a run; continue it with train.resume=auto, "
+                           "or start another with train.name=NEW_NAME")
+        return None, None
+    source = last if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if cfg.train.resume == "auto" and not last.exists():
+        return None, None
+    return load_checkpoint(source), source
+
+
+def setup(cfg: Config, quiet: bool = False) -> Run:
+    acc = make_accelerator(cfg)
+    run_dir = Path(cfg.train.out_dir) / cfg.train.name
+    ckpt, source = find_resume(cfg, run_dir)
+    seed, rank = cfg.train.seed, acc.process_index
+    torch.manual_seed(seed + rank)  # dropout differs per rank, like data
+    data = load_data(cfg, acc.device, seed)
+    model = build_model(cfg.model, len(data.classes)).to(acc.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    if cfg.model.compile:
+        model = torch.compile(model)
+    model, optimizer = acc.prepare(model, optimizer)
+    gen = torch.Generator(device=acc.device).manual_seed(seed * 7919 + rank)
+    batches = ShardedBatches(len(data.train), cfg.data.batch_size, seed, rank, acc.num_processes)
+    if acc.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    run = Run(cfg, acc, run_dir, data, batches, model, optimizer, ema, gen, TrainState(),
+              Tracker(run_dir, acc.is_main_process), Display(acc.is_main_process, quiet), StopFlag(run_dir))
+    if ckpt is not None:
+        warning = restore(run, ckpt, source)
+        if acc.is_main_process:
+            truncate_metrics(run_dir, run.state.step)
+        run.display.print(warning or f"resumed from {source} at step {run.state.step} "
+                                     f"(epoch {run.state.epoch + 1}, batch {run.state.batch})")
+    return run
+
+
+def describe(run: Run) -> None:
+    acc, cfg = run.acc, run.cfg
+    per = cfg.data.batch_size
+    run.display.print(
+        f"[bold]{cfg.train.name}[/]: {cfg.model.name} on {cfg.data.name} ({len(run.data.train)} train, "
+        f"{len(run.data.val)} val, {len(run.data.test)} test) | device {acc.device}, {acc.num_processes} "
+        f"process(es), {acc.distributed_type.value} | batch {per} per process x {acc.num_processes} processes x "
+        f"{cfg.train.grad_accum_steps} accumulation = {per * acc.num_processes * cfg.train.grad_accum_steps} global | "
+        f"{run.total_steps} optimizer steps")
+
+
+def finish(run: Run, outcome: str, started: float) -> dict:
+    """Final test evaluation (best weights by validation) with report files, on every rank."""
+    from hwr_dist.report import write_eval_report
+
+    model = eval_model(run)
+    best = run.ckpt_dir / "best.pt"
+    if best.exists():  # the test split scores the weights picked by validation
+        ckpt = load_checkpoint(best)
+        model.load_state_dict(ckpt["ema"] or ckpt["model"])
+    result: EvalResult = evaluate(model, run.data.test, len(run.data.classes), run.cfg.data.eval_batch_size,
+                                  run.acc, worst_k=32)
+    wall = time.perf_counter() - started
+    summary = {"outcome": outcome, "test_accuracy": result.accuracy, "test_loss": result.loss,
+               "best_val_accuracy": run.state.best_accuracy, "best_epoch": run.state.best_epoch + 1,
+               "steps": run.state.step, "wall_time_s": wall}
+    if run.acc.is_main_process:
+        run.tracker.log({k: v for k, v in summary.items() if k != "outcome"}, run.state.step)
+        write_eval_report(result, run.data.test, run.data.classes, run.run_dir, "test", run.display)
+        run.display.table("summary", [
+            ("outcome", outcome), ("test accuracy", f"{result.accuracy:.2%}"),
+            ("best val accuracy", f"{run.state.best_accuracy:.2%} (epoch {run.state.best_epoch + 1})"),
+            ("optimizer steps", str(run.state.step)), ("wall time", f"{wall:.1f} s"),
+            ("run directory", str(run.run_dir))])
+    return summary
+
+
+def run_training(cfg: Config, quiet: bool = False) -> dict:
+    started = time.perf_counter()
+    run = setup(cfg, quiet)
+    describe(run)
+    run.display.start(run.total_steps, run.state.step)
+    try:
+        outcome = train(run)
+    finally:
+        run.display.close()
+        run.tracker.finish()
+    if outcome == "preempted":
+        return {"outcome": outcome, "steps": run.state.step}
+    return finish(run, outcome, started)
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    quiet = "--quiet" in args
+    args = [a for a in args if a != "--quiet"]
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        raise HwrError("usage: python -m hwr_dist.train CONFIG.yaml [section.key=value ...] [--quiet]")
+    run_training(load_config(args[0], args[1:]), quiet)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Shared test helpers: run the real CLI and launchers in subprocesses, small configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+BIN = Path(sys.executable).parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_", "ACCELERATE_"))}
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled", **extra)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def run(args: list[str], cwd: Path | None = None, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd or ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def hwr(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run([str(BIN / "hwr"), *args], **kw)
+
+
+def train_module(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "hwr_dist.train", *args, "--quiet"], **kw)
+
+
+# A quick recipe: small CNN, a few hundred steps, dropout and augmentation on so that
+# resuming must restore every random stream to match.
+TINY = [
+    "model.name=small_cnn", "model.width=8", "data.batch_size=32", "train.epochs=2", "train.log_every=10",
+    "schedule.name=cosine", "optim.lr=0.003",
+]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Overrides for a tiny run writing under tmp_path."""
+    return [*TINY, f"train.out_dir={tmp_path / 'runs'}"]
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The stderr of a failed command must be exactly one `error: ...` line, no traceback."""
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
