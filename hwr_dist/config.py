@@ -136,14 +136,19 @@ class CheckpointConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = False
+    """Log to Weights & Biases (needs `pip install 'hwr-dist[wandb]'`); one run per job, main process only."""
     project: str = "hwr-dist"
     entity: str = ""
+    """W&B user or team ('' = your default entity)."""
     group: str = ""
+    """Groups runs in the W&B UI, e.g. one group per sweep or experiment."""
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
     notes: str = ""
     mode: str = "online"
-    """online, offline or disabled."""
+    """online, offline or disabled; the WANDB_MODE environment variable, if set, wins."""
+    log_every: int = 0
+    """Optimizer steps between training rows sent to W&B (0 = every train.log_every log point)."""
     log_model: bool = False
     """Upload the best checkpoint as a model artifact at the end."""
 
@@ -152,6 +157,7 @@ class WandbConfig:
 class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False
+    """Also write TensorBoard event files to RUN_DIR/tensorboard (needs `pip install 'hwr-dist[tensorboard]'`)."""
 
 
 @dataclass
@@ -185,6 +191,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -312,6 +323,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", cfg.checkpoint.every_steps)
     _check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0", cfg.checkpoint.keep_last)
     _one_of("tracking.wandb.mode", cfg.tracking.wandb.mode, {"online", "offline", "disabled"})
+    _check(cfg.tracking.wandb.log_every >= 0, "tracking.wandb.log_every", "an integer >= 0", cfg.tracking.wandb.log_every)
     if t.early_stopping_patience and cfg.data.val_fraction == 0:
         raise HwrError("train.early_stopping_patience needs a validation split; set data.val_fraction > 0")
 

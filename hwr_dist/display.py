@@ -13,7 +13,7 @@ class Display:
     def __init__(self, enabled: bool, quiet: bool):
         self.enabled = enabled
         self.quiet = quiet or not sys.stderr.isatty()
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)
         self.progress = None
 
     def start(self, total_steps: int, start_step: int) -> None:

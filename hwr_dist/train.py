@@ -271,7 +271,15 @@ def save_checkpoint(run: Run, best: bool = False, step_file: bool = False) -> No
 def restore(run: Run, ckpt: dict, source: Path) -> str:
     """Put model, optimizer, EMA, counters and this rank's RNG back as they were saved."""
     load_model_state(run.acc.unwrap_model(run.model), ckpt["model"], str(source))
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    saved_optim = ckpt["config"]["optim"]["name"]
+    if saved_optim != run.cfg.optim.name:
+        raise HwrError(f"{source} was trained with optim.name={saved_optim}; resume with the same optimizer "
+                       "or start a new run from its weights")
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise HwrError(f"the optimizer state in {source} does not fit this run ({e}); "
+                       "resume with the config it was trained with") from None
     scaler = getattr(run.acc, "scaler", None)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])

@@ -48,8 +48,9 @@ def tiny(tmp_path):
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The stderr of a failed command must be exactly one `error: ...` line, no traceback."""
+    """A failed command ends with exactly one `error: ...` line on stderr, and no traceback."""
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    return errors[0]

@@ -13,6 +13,7 @@ from hwr_dist.errors import HwrError
 def test_layering_defaults_file_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  lr: 0.5\ntrain:\n  epochs: 7\n")
+    assert load_config(f, ["optim.lr=1e-3"]).optim.lr == 0.001
     cfg = load_config(f, ["optim.lr=0.01", "data.augment.rotation=3", "tracking.wandb.tags=[a, b]"])
     assert cfg.optim.lr == 0.01  # override beats file
     assert cfg.train.epochs == 7  # file beats default

@@ -26,7 +26,9 @@ What an offline *resumed* run looks like on disk (checked with wandb 0.31.0):
   ``log(..., step=1)`` is written even though the earlier process already
   logged step 3 (what the server does with that on ``wandb sync`` cannot be
   checked offline), but a step lower than the last step logged *in the same
-  process* (4 or 0 after 5) is silently dropped (nothing is written for it).
+  process* (4 or 0 after 5) is dropped: nothing is written for it, only a
+  "Tried to log to step 4 that is less than the current step 5 ... will be
+  ignored" warning on stderr (suppressed by WANDB_SILENT).
 * config passed to ``wandb.init`` is recorded again in every process's run
   record; the summary of each file only covers that process.
 

@@ -1,0 +1,286 @@
+"""Turn photos and scans of handwriting into MNIST-style 28x28 characters.
+
+MNIST was made from bilevel NIST scans: each character was scaled (anti-aliased, aspect kept)
+so that its longer side is 20 pixels, then put in a 28x28 field with its centre of mass at the
+centre. `mnist_style` binarises the photo and repeats those steps, so a user's own images look
+like the training data (ink white on black).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from hwr_dist.errors import HwrError
+
+MAX_MEGAPIXELS = 40
+WORK_SIDE = 2048  # larger images are shrunk first: 20 output pixels need far less, and memory stays flat
+MIN_CONTRAST = 24  # ink must differ from the paper by at least this many grey levels
+NOISE_SIGMAS = 4  # ...and by this many standard deviations of the paper's own texture
+SPECK = 0.02  # in one character, parts smaller than this fraction of the largest part are noise
+ROW_SPECK = 0.005  # in a row, parts this small next to the largest cannot even be the dot of an i
+ROW_SMALL = 0.1  # in a row, characters below this fraction of the median one are specks
+MERGE_OVERLAP = 0.5  # parts overlapping in x by this fraction of the narrower one are one character
+BOX, FIELD = 20, 28
+HIGH_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A readable, upright, opaque "L" or "RGB" image, or an HwrError that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HwrError(f"{path} not found; check the path")
+    if path.stat().st_size == 0:
+        raise HwrError(f"{path} is empty (0 bytes); re-save the image or remove the file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (above ~89 MP) or raises (above ~179 MP) while opening a decompression bomb;
+            # both only mean "huge" here, and must not print a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_size(path, im.size)  # from the header, before decoding anything
+                im.load()
+                img = _flatten(ImageOps.exif_transpose(im))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise HwrError(_huge(path, f"over {MAX_MEGAPIXELS} megapixels")) from None
+    except UnidentifiedImageError:
+        raise HwrError(f"{path} is not an image file PIL can read; re-save it as PNG or JPEG, or remove it") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data: PIL's decoders raise all three
+        raise HwrError(f"{path} is damaged or truncated ({e}); re-save it or remove it") from None
+    if all(lo == hi for lo, hi in _band_extrema(img)):
+        raise HwrError(f"{path} is all one colour, so there is nothing to read; check it is the right file or remove it")
+    return img
+
+
+def mnist_style(img: Image.Image, name: str = "the image") -> torch.Tensor:
+    """uint8 [28, 28], ink white on black, made the way MNIST was made; `name` is for the error."""
+    mask = _binarise(_gray(img))
+    if not mask.any():
+        raise HwrError(_no_ink(name))
+    comps = _components(mask)
+    mask = _wanted(comps, np.flatnonzero(comps.area >= SPECK * comps.area.max()))[comps.labels]
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return torch.from_numpy(_centre(_fit_box(crop)))
+
+
+def segment_row(img: Image.Image, name: str = "the image") -> list[Image.Image]:
+    """The characters of a row, left to right, each an "L" image (white on black) for `mnist_style`."""
+    mask = _binarise(_gray(img))
+    if not mask.any():
+        raise HwrError(_no_ink(name))
+    comps = _components(mask)
+    parts = np.flatnonzero(comps.area >= ROW_SPECK * comps.area.max())
+    groups = _group_columns(comps, parts[np.argsort(-comps.area[parts], kind="stable")])
+    areas = np.array([comps.area[g].sum() for g in groups])
+    chars = [g for g, a in zip(groups, areas) if a >= ROW_SMALL * np.median(areas)]
+    chars.sort(key=lambda g: comps.left[g].min())
+    return [_crop(comps, g) for g in chars]
+
+
+def _check_size(path: Path, size: tuple[int, int]) -> None:
+    w, h = size
+    if w * h > MAX_MEGAPIXELS * 1_000_000:
+        raise HwrError(_huge(path, f"{w}x{h}, {w * h / 1e6:.0f} megapixels, over the limit of {MAX_MEGAPIXELS}"))
+
+
+def _huge(path: Path, detail: str) -> str:
+    return f"{path} is a huge image ({detail}); downscale it, e.g. to 2000 pixels on the longer side"
+
+
+def _no_ink(name: str) -> str:
+    return (f"no ink found in {name}: nothing differs enough from the paper; "
+            "use a darker pen or a sharper, evenly lit photo, or remove it")
+
+
+def _band_extrema(img: Image.Image) -> tuple[tuple[float, float], ...]:
+    ext = img.getextrema()
+    return ext if isinstance(ext[0], tuple) else (ext,)
+
+
+def _flatten(img: Image.Image) -> Image.Image:
+    """"L" or "RGB": transparency composited on white (ink drawn on a transparent sheet stays visible)."""
+    if img.mode in HIGH_DEPTH:
+        return _stretch(img)
+    if img.mode in ALPHA or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    if img.mode in ("L", "RGB"):
+        return img
+    return img.convert("L" if img.mode == "1" else "RGB")
+
+
+def _stretch(img: Image.Image) -> Image.Image:
+    """16-bit and float scans to 8 bits: PIL's own conversion clips them instead of scaling."""
+    a = np.asarray(img, dtype=np.float64)
+    lo, hi = a.min(), a.max()
+    scaled = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(scaled.round().astype(np.uint8))
+
+
+def _gray(img: Image.Image) -> np.ndarray:
+    """Grey levels (float), shrunk to WORK_SIDE at most."""
+    gray = _flatten(img).convert("L")
+    scale = WORK_SIDE / max(gray.size)
+    if scale < 1:
+        gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))),
+                           Image.Resampling.BOX)
+    return np.asarray(gray, dtype=np.float32)
+
+
+def _binarise(gray: np.ndarray) -> np.ndarray:
+    """Ink mask: the paper level comes from the border, the ink is what lies far from it on either side."""
+    band = max(1, min(gray.shape) // 50)
+    border = np.concatenate([gray[:band].ravel(), gray[-band:].ravel(), gray[:, :band].ravel(),
+                             gray[:, -band:].ravel()])
+    paper = np.median(border)
+    noise = 1.4826 * np.median(np.abs(border - paper))  # robust standard deviation of the paper texture
+    floor = max(MIN_CONTRAST, NOISE_SIGMAS * noise)
+    darker, lighter = np.maximum(paper - gray, 0), np.maximum(gray - paper, 0)
+    # Polarity: whichever side holds more clearly-off-paper mass is the ink (noise is symmetric).
+    dark_ink = np.maximum(darker - floor, 0).sum() >= np.maximum(lighter - floor, 0).sum()
+    ink = darker if dark_ink else lighter
+    return ink > max(_otsu(ink), floor)
+
+
+def _otsu(values: np.ndarray) -> int:
+    """Otsu's threshold on 0..255 values: those above it are foreground."""
+    hist = np.bincount(np.rint(values).astype(np.int64).ravel(), minlength=256)[:256].astype(np.float64)
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * np.arange(256))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (m0 / w0 - (m0[-1] - m0) / w1) ** 2
+    return int(np.argmax(np.nan_to_num(between)))
+
+
+@dataclass
+class _Components:
+    """8-connected components of a mask; per-component arrays are indexed by component id."""
+
+    labels: np.ndarray  # int32 [H, W]: 0 background, id + 1 inside component `id`
+    area: np.ndarray
+    left: np.ndarray  # inclusive bounds
+    right: np.ndarray
+    top: np.ndarray
+    bottom: np.ndarray
+
+
+def _components(mask: np.ndarray) -> _Components:
+    """Connected components by union-find over horizontal runs: few runs, so the Python loop stays short."""
+    h, w = mask.shape
+    padded = np.zeros((h, w + 2), np.int8)
+    padded[:, 1:-1] = mask
+    step = np.diff(padded, axis=1)
+    row, start = np.nonzero(step == 1)
+    end = np.nonzero(step == -1)[1]  # exclusive; nonzero scans row by row, so ends pair with starts
+    parent = list(range(len(row)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(*_touching_runs(row, start, end, w)):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    ids = np.unique([find(i) for i in range(len(row))], return_inverse=True)[1].astype(np.int32)
+    n = int(ids.max()) + 1 if len(ids) else 0
+
+    # Paint labels: +id at each run's start, -id at its end, and a running sum fills the run.
+    flat = np.zeros(h * (w + 1), np.int32)  # a spare column keeps a run's end inside its own row
+    base = row * (w + 1)
+    flat[base + start] = ids + 1
+    flat[base + end] = -(ids + 1)
+    labels = np.cumsum(flat, dtype=np.int32).reshape(h, w + 1)[:, :w]
+
+    def reduce(op: np.ufunc, values: np.ndarray, initial: int) -> np.ndarray:
+        out = np.full(n, initial, np.int64)
+        op.at(out, ids, values)
+        return out
+
+    return _Components(labels, np.bincount(ids, weights=end - start, minlength=n).astype(np.int64),
+                       reduce(np.minimum, start, w), reduce(np.maximum, end - 1, -1),
+                       reduce(np.minimum, row, h), reduce(np.maximum, row, -1))
+
+
+def _touching_runs(row: np.ndarray, start: np.ndarray, end: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (run above, run) that touch, diagonals included.
+
+    Keys row * (w + 2) + column sort runs in scan order, so the runs of the row above that touch
+    [start, end) form one contiguous range: from the first ending at or after `start` to the last
+    beginning at or before `end`.
+    """
+    stride = w + 2
+    above = (row - 1) * stride
+    lo = np.searchsorted(row * stride + end, above + start, "left")
+    hi = np.searchsorted(row * stride + start, above + end, "right") - 1
+    count = np.maximum(hi - lo + 1, 0)
+    below = np.repeat(np.arange(len(row)), count)
+    offset = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    return np.repeat(lo, count) + offset, below
+
+
+def _wanted(comps: _Components, ids: np.ndarray) -> np.ndarray:
+    """Lookup table from label value to "in one of `ids`" (faster than np.isin on a whole image)."""
+    table = np.zeros(len(comps.area) + 1, bool)
+    table[ids + 1] = True
+    return table
+
+
+def _fit_box(crop: np.ndarray) -> np.ndarray:
+    """Scale the ink so that its longer side is BOX pixels, anti-aliased, aspect kept."""
+    h, w = crop.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    # BOX averages pixel areas when shrinking (MNIST's anti-aliasing); bilinear avoids blocks when enlarging.
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize(size, resample))
+
+
+def _centre(char: np.ndarray) -> np.ndarray:
+    """Paste into a FIELD x FIELD black image with the centre of mass at (14, 14), never cutting ink."""
+    h, w = char.shape
+    weight = char.astype(np.float64)
+    total = weight.sum()
+    cy = weight.sum(1) @ np.arange(h) / total
+    cx = weight.sum(0) @ np.arange(w) / total
+    top = int(np.clip(np.floor(FIELD / 2 - cy + 0.5), 0, FIELD - h))
+    left = int(np.clip(np.floor(FIELD / 2 - cx + 0.5), 0, FIELD - w))
+    field = np.zeros((FIELD, FIELD), np.uint8)
+    field[top:top + h, left:left + w] = char
+    return field
+
+
+def _group_columns(comps: _Components, order: np.ndarray) -> list[np.ndarray]:
+    """Components (largest first) that overlap heavily in x join one character: broken strokes, dots."""
+    groups: list[list[int]] = []
+    spans: list[tuple[int, int]] = []
+    for k in order.tolist():
+        lk, rk = int(comps.left[k]), int(comps.right[k])
+        overlaps = [min(r, rk) - max(l, lk) + 1 for l, r in spans]
+        best = int(np.argmax(overlaps)) if overlaps else -1
+        if best >= 0 and overlaps[best] >= MERGE_OVERLAP * min(rk - lk + 1, spans[best][1] - spans[best][0] + 1):
+            groups[best].append(k)
+            spans[best] = (min(spans[best][0], lk), max(spans[best][1], rk))
+        else:
+            groups.append([k])
+            spans.append((lk, rk))
+    return [np.array(g) for g in groups]
+
+
+def _crop(comps: _Components, ids: np.ndarray) -> Image.Image:
+    """The character alone (neighbours reaching into its box are left out), with a black margin."""
+    top, bottom = comps.top[ids].min(), comps.bottom[ids].max()
+    left, right = comps.left[ids].min(), comps.right[ids].max()
+    char = _wanted(comps, ids)[comps.labels[top:bottom + 1, left:right + 1]]
+    margin = max(2, max(char.shape) // 8)  # enough plain border for mnist_style to read the paper level
+    return Image.fromarray(np.pad(char, margin).astype(np.uint8) * 255)
