@@ -57,7 +57,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"
-    """Model from the registry: small_cnn, lenet5, cnn_bn."""
+    """Model from the registry: small_cnn, lenet5, cnn_bn, vgg."""
     dropout: float = 0.5
     """Dropout before the classifier."""
     width: int = 32
@@ -66,6 +66,24 @@ class ModelConfig:
     """Use the channels_last memory format."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    variant: str = "vgg11"
+    """vgg: torchvision variant, vgg11/13/16/19 or their _bn forms."""
+    weights: str = "none"
+    """vgg: none, torchvision weights (IMAGENET1K_V1: hub cache or download), or a checkpoint / state dict path."""
+    input_size: int = 32
+    """vgg: side the batch is resized to on the device (>= 32: VGG pools five times)."""
+    head: str = "linear"
+    """vgg: linear (global pool + linear), mlp (global pool + hidden layer) or vgg (original classifier, new last layer)."""
+    freeze: str = "none"
+    """vgg: none, or features (the backbone is frozen except its last trainable_blocks blocks)."""
+    trainable_blocks: int = 0
+    """vgg, freeze=features: how many of the five last conv blocks still train (0 = head only)."""
+    unfreeze_after_epochs: int = 0
+    """vgg, freeze=features: from this epoch on the whole network trains (0 = never)."""
+    backbone_lr_scale: float = 1.0
+    """vgg: learning rate of the backbone relative to the head's."""
+    cache_features: str = "auto"
+    """vgg: compute frozen backbone features once and train the head on them: auto, on or off."""
 
 
 @dataclass
@@ -198,6 +216,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads on/off (model.cache_features) as booleans
+        return "on" if value else "off"
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise HwrError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -298,6 +318,8 @@ def validate(cfg: Config) -> None:
     _check(a.scale < 1, "data.augment.scale", "a number below 1", a.scale)
     _check(0 <= cfg.model.dropout < 1, "model.dropout", "a number in [0, 1)", cfg.model.dropout)
     _check(cfg.model.width > 0, "model.width", "a positive integer", cfg.model.width)
+    if cfg.model.name == "vgg":
+        _validate_vgg(cfg)
     _one_of("optim.name", cfg.optim.name, {"sgd", "adam", "adamw"})
     _check(cfg.optim.lr > 0, "optim.lr", "a number > 0", cfg.optim.lr)
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "a number >= 0", cfg.optim.weight_decay)
@@ -326,6 +348,28 @@ def validate(cfg: Config) -> None:
     _check(cfg.tracking.wandb.log_every >= 0, "tracking.wandb.log_every", "an integer >= 0", cfg.tracking.wandb.log_every)
     if t.early_stopping_patience and cfg.data.val_fraction == 0:
         raise HwrError("train.early_stopping_patience needs a validation split; set data.val_fraction > 0")
+
+
+def _validate_vgg(cfg: Config) -> None:
+    from hwr_dist.models.vgg import BLOCKS, HEADS, MIN_INPUT, TORCHVISION_WEIGHTS, VARIANTS, looks_like_path
+
+    m = cfg.model
+    _one_of("model.variant", m.variant, VARIANTS)
+    if m.weights != "none" and not looks_like_path(m.weights):
+        _one_of("model.weights", m.weights, {"none", *TORCHVISION_WEIGHTS[m.variant], "a checkpoint path"})
+    _check(m.input_size >= MIN_INPUT, "model.input_size", f"an integer >= {MIN_INPUT} (VGG halves the image five times)",
+           m.input_size)
+    _one_of("model.head", m.head, HEADS)
+    _one_of("model.freeze", m.freeze, {"none", "features"})
+    _check(0 <= m.trainable_blocks < BLOCKS, "model.trainable_blocks", f"an integer in 0..{BLOCKS - 1}", m.trainable_blocks)
+    _check(m.unfreeze_after_epochs >= 0, "model.unfreeze_after_epochs", "an integer >= 0", m.unfreeze_after_epochs)
+    _check(m.backbone_lr_scale > 0, "model.backbone_lr_scale", "a number > 0", m.backbone_lr_scale)
+    _one_of("model.cache_features", m.cache_features, {"auto", "on", "off"})
+    if m.freeze == "none" and (m.trainable_blocks or m.unfreeze_after_epochs):
+        raise HwrError("model.trainable_blocks and model.unfreeze_after_epochs need model.freeze=features")
+    if m.cache_features == "on" and (m.freeze != "features" or m.trainable_blocks or cfg.data.augment.enabled):
+        raise HwrError("model.cache_features=on needs a frozen backbone and fixed inputs: set model.freeze=features, "
+                       "model.trainable_blocks=0 and data.augment.enabled=false (or use cache_features=auto)")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -44,7 +44,7 @@ def load_trained(path: str | Path) -> Trained:
     if cfg.model.name not in MODELS:
         raise HwrError(f"{path} was trained with model '{cfg.model.name}', which this version does not know")
     classes = list(ckpt["classes"])
-    model = build_model(cfg.model, len(classes))
+    model = build_model(cfg.model, len(classes), pretrained=False)  # the checkpoint holds every weight
     load_model_state(model, ckpt["ema"] or ckpt["model"], str(path))
     mean, std = ckpt["norm"]
     return Trained(model.eval(), cfg, classes, float(mean), float(std), path)

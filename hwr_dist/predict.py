@@ -31,10 +31,12 @@ def read_characters(path: Path, segment: bool) -> torch.Tensor:
     if not path.exists():
         raise HwrError(f"{path} does not exist")
     img = open_image(path)
-    crops = segment_row(img) if segment else [img]
+    crops = segment_row(img, str(path)) if segment else [img]
     if not crops:
         raise HwrError(f"{path}: no characters found")
-    return torch.stack([mnist_style(c) for c in crops])
+    if len(crops) == 1:
+        return mnist_style(crops[0], str(path)).unsqueeze(0)
+    return torch.stack([mnist_style(c, f"character {i + 1} of {path}") for i, c in enumerate(crops)])
 
 
 def predict_files(checkpoint: Path, paths: list[Path], top_k: int, json_out: bool, segment: bool) -> int:
@@ -72,16 +74,19 @@ def predict_files(checkpoint: Path, paths: list[Path], top_k: int, json_out: boo
 
 def print_table(results: list[dict]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title_justify="left")
-    for col in ("file", "prediction", "probability", "top"):
+    table.add_column("file", overflow="fold")  # whole paths, wrapped rather than cut
+    for col in ("prediction", "probability", "top"):
         table.add_column(col)
     for r in results:
         if "error" in r:
-            table.add_row(r["file"], "[red]skipped", "", f"[red]{r['error']}")
+            reason = r["error"].removeprefix(r["file"]).lstrip(" :")  # the file is in the first column already
+            table.add_row(escape(r["file"]), "[red]skipped", "", f"[red]{escape(reason)}")
             continue
         top = r["top"] or [c[0] for c in r["characters"]]
-        table.add_row(r["file"], r["prediction"], f"{r['probability']:.3f}",
+        table.add_row(escape(r["file"]), r["prediction"], f"{r['probability']:.3f}",
                       "  ".join(f"{c['class']} {c['probability']:.2f}" for c in top))
     Console(file=sys.stdout).print(table)

@@ -26,7 +26,7 @@ from hwr_dist.evaluate import EvalResult, evaluate
 from hwr_dist.models import build_model
 from hwr_dist.optim import EMA, build_optimizer, get_lr, set_lr
 from hwr_dist.preempt import PREEMPTED_FILE, StopFlag, write_preempted
-from hwr_dist.tracking import Tracker, truncate_metrics
+from hwr_dist.tracking import Tracker, apply_sweep_name, check_available, truncate_metrics
 
 CHECKPOINT_FORMAT = 1
 
@@ -67,6 +67,7 @@ class Run:
     tracker: Tracker
     display: Display
     stop: StopFlag
+    features: "FeatureCache | None" = None  # noqa: F821  the train split as cached backbone features (finetune.py)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -91,6 +92,7 @@ def train(run: Run) -> str:
         return "completed"
     for epoch in range(state.epoch, cfg.train.epochs):
         state.epoch = epoch
+        start_epoch(run, epoch)
         windows = list(run.batches.batches(epoch, state.batch))
         for w in range(0, len(windows), accum):
             window = windows[w : w + accum]
@@ -103,7 +105,8 @@ def train(run: Run) -> str:
             last_step = state.step >= run.total_steps
             save_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
             if state.step % cfg.train.log_every == 0 or save_due or last_step:
-                stop = check_and_log(run, meter, lr, grad_norm)
+                # A stop request on the last step is ignored: the run finishes (epoch end, test) instead.
+                stop = check_and_log(run, meter, lr, grad_norm) and not last_step
                 if save_due or stop:
                     save_checkpoint(run, step_file=bool(save_due))
                 if stop:
@@ -127,14 +130,15 @@ def train_step(run: Run, window: list[torch.Tensor], want_norm: bool) -> tuple[t
     """One optimizer step over a window of micro-batches; all-reduce only on the last one."""
     acc, model, cfg = run.acc, run.model, run.cfg
     total = torch.zeros((), device=acc.device)
+    cached = run.features is not None  # then x holds backbone features and only the head runs
     for i, idx in enumerate(window):
-        x, y = run.data.train.batch(idx, run.gen, cfg.data.augment)
-        if cfg.model.channels_last:
+        x, y = (run.features if cached else run.data.train).batch(idx, run.gen, cfg.data.augment)
+        if cfg.model.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         sync = i == len(window) - 1
         with nullcontext() if sync else acc.no_sync(model):
             with acc.autocast():
-                logits = model(x)
+                logits = model(x, from_features=True) if cached else model(x)
             # Divide by the window's real length: a short last window is scaled right.
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing) / len(window)
             acc.backward(loss)
@@ -150,6 +154,19 @@ def train_step(run: Run, window: list[torch.Tensor], want_norm: bool) -> tuple[t
     if run.ema is not None:
         run.ema.update(run.acc.unwrap_model(model))
     return total, grad_norm
+
+
+def start_epoch(run: Run, epoch: int) -> None:
+    """The model's epoch hook (gradual unfreezing). When it changes which parameters train, DDP is
+    built anew (it registers the trainable parameters at construction) and cached features go."""
+    hook = getattr(run.acc.unwrap_model(run.model), "on_epoch_start", None)
+    if hook is None or not hook(epoch):
+        return
+    from hwr_dist.finetune import rewrap_ddp
+
+    run.model = rewrap_ddp(run.acc, run.model)
+    run.features = None
+    run.display.print(f"epoch {epoch + 1}: the whole network trains from now on")
 
 
 class Meter:
@@ -348,13 +365,22 @@ def find_resume(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
 
 
 def setup(cfg: Config, quiet: bool = False) -> Run:
-    acc = make_accelerator(cfg)
+    check_available(cfg)  # W&B / TensorBoard asked for but not installed: fail before any work
+    apply_sweep_name(cfg)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
+    stop = StopFlag(run_dir)  # first: a TERM/USR1 during the set-up below must not kill the process
+    acc = make_accelerator(cfg)
     ckpt, source = find_resume(cfg, run_dir)
+    if cfg.model.name == "vgg" and ckpt is None:  # missing pretrained weights: say so before loading data
+        from hwr_dist.models.vgg import check_weights
+
+        check_weights(cfg.model)
     seed, rank = cfg.train.seed, acc.process_index
     torch.manual_seed(seed + rank)  # dropout differs per rank, like data
     data = load_data(cfg, acc.device, seed)
-    model = build_model(cfg.model, len(data.classes)).to(acc.device)
+    model = build_model(cfg.model, len(data.classes), pretrained=ckpt is None).to(acc.device)
+    if hasattr(model, "set_input_norm"):  # models that fold the input normalisation into their weights
+        model.set_input_norm(data.train.mean, data.train.std)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
@@ -369,14 +395,46 @@ def setup(cfg: Config, quiet: bool = False) -> Run:
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     run = Run(cfg, acc, run_dir, data, batches, model, optimizer, ema, gen, TrainState(),
-              Tracker(run_dir, acc.is_main_process), Display(acc.is_main_process, quiet), StopFlag(run_dir))
+              Tracker(run_dir, acc.is_main_process, cfg), Display(acc.is_main_process, quiet), stop)
     if ckpt is not None:
         warning = restore(run, ckpt, source)
         if acc.is_main_process:
             truncate_metrics(run_dir, run.state.step)
         run.display.print(warning or f"resumed from {source} at step {run.state.step} "
                                      f"(epoch {run.state.epoch + 1}, batch {run.state.batch})")
+    elif getattr(acc.unwrap_model(model), "weights_note", ""):
+        run.display.print(acc.unwrap_model(model).weights_note)
+    if cfg.model.name == "vgg":  # frozen backbone, fixed inputs: train the head on cached features
+        from hwr_dist.finetune import build_feature_cache
+
+        run.features = build_feature_cache(run)
+    # One tracked run per job (main process); its id goes into every checkpoint, so a resumed
+    # job continues the same W&B run from the checkpoint's step.
+    run.state.tracker_run_id = run.tracker.start(run.state.tracker_run_id, run.state.step if ckpt is not None else None,
+                                                 system_facts(run), run.display)
     return run
+
+
+def system_facts(run: Run) -> dict:
+    """How the job ran, for the tracker's config (W&B `system.*`) and tracking.json."""
+    import platform
+
+    acc, cfg = run.acc, run.cfg
+    world = acc.num_processes
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    device = acc.device
+    return {
+        "world_size": world, "nodes": max(1, world // max(1, per_node)), "processes_per_node": per_node,
+        "distributed_type": acc.distributed_type.value, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "mixed_precision": cfg.train.mixed_precision, "grad_accum_steps": cfg.train.grad_accum_steps,
+        "batch_per_process": cfg.data.batch_size,
+        "global_batch": cfg.data.batch_size * world * cfg.train.grad_accum_steps,
+        "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "train_images": len(run.data.train), "val_images": len(run.data.val), "test_images": len(run.data.test),
+        "torch": str(torch.__version__), "hostname": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+    }
 
 
 def describe(run: Run) -> None:
@@ -408,6 +466,11 @@ def finish(run: Run, outcome: str, started: float) -> dict:
     if run.acc.is_main_process:
         run.tracker.log({k: v for k, v in summary.items() if k != "outcome"}, run.state.step)
         write_eval_report(result, run.data.test, run.data.classes, run.run_dir, "test", run.display)
+        report_dir = run.run_dir / "eval_test"
+        run.tracker.log_images({"test/confusion_matrix": report_dir / "confusion.png",
+                                "test/misclassified": report_dir / "worst.png"}, run.state.step)
+        run.tracker.summary(summary)
+        run.tracker.log_model(best, {k: v for k, v in summary.items() if k != "wall_time_s"})
         run.display.table("summary", [
             ("outcome", outcome), ("test accuracy", f"{result.accuracy:.2%}"),
             ("best val accuracy", f"{run.state.best_accuracy:.2%} (epoch {run.state.best_epoch + 1})"),
@@ -419,16 +482,22 @@ def finish(run: Run, outcome: str, started: float) -> dict:
 def run_training(cfg: Config, quiet: bool = False) -> dict:
     started = time.perf_counter()
     run = setup(cfg, quiet)
-    describe(run)
-    run.display.start(run.total_steps, run.state.step)
-    try:
-        outcome = train(run)
+    status = "failed"
+    try:  # the tracker is finished last: the final test metrics, plots and model go to it too
+        describe(run)
+        run.display.start(run.total_steps, run.state.step)
+        try:
+            outcome = train(run)
+        finally:
+            run.display.close()
+        if outcome == "preempted":
+            status = outcome
+            return {"outcome": outcome, "steps": run.state.step}
+        summary = finish(run, outcome, started)
+        status = "completed"
+        return summary
     finally:
-        run.display.close()
-        run.tracker.finish()
-    if outcome == "preempted":
-        return {"outcome": outcome, "steps": run.state.step}
-    return finish(run, outcome, started)
+        run.tracker.finish(status)
 
 
 @exit_on_error

@@ -16,7 +16,8 @@ BIN = Path(sys.executable).parent
 
 def env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_", "ACCELERATE_"))}
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled", **extra)
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    e.update(extra)  # may override the defaults above (e.g. WANDB_MODE=offline)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     return e
 
