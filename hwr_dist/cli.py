@@ -148,7 +148,9 @@ def predict(checkpoint: Path = typer.Argument(..., help="a .pt file or a run dir
 @exit_on_error
 def export(checkpoint: Path = typer.Argument(..., help="a .pt file or a run directory"),
            fmt: str = typer.Option("torchscript", "--format", "-f", help="torchscript, onnx or state-dict"),
-           quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 dense layers"),
+           quantize: Optional[str] = typer.Option(None, "--quantize",
+                                                  help="int8: dynamic int8 dense layers, and static int8 "
+                                                       "convolutions for torchscript where they measure faster here"),
            out: Optional[Path] = typer.Option(None, "--out", "-o",
                                               help="file to write (default: RUN_DIR/export/<checkpoint>[-int8].<ext>)"),
            report: Optional[bool] = typer.Option(None, "--report/--no-report",

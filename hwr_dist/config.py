@@ -149,6 +149,9 @@ class CheckpointConfig:
     """Also save a step checkpoint every this many optimizer steps (0 = only at epoch end)."""
     keep_last: int = 3
     """Step checkpoints kept besides last.pt and best.pt."""
+    keep_epochs: bool = False
+    """Also keep every epoch's checkpoint as epoch-NNN.pt (a hard link, no extra write): the learning
+    curve can be scored afterwards, e.g. time to a test accuracy (bench/time_to_accuracy.py)."""
 
 
 @dataclass

@@ -86,8 +86,8 @@ def status(job_id: str | None = None, log_lines: int = 8) -> str:
     """squeue for your jobs; with a job id, its scontrol record and the end of its log."""
     if job_id is None:
         squeue = _need("squeue")
-        proc = subprocess.run([squeue, "--me", "-O", "JobID:12,Name:20,State:12,TimeUsed:12,TimeLimit:12,"
-                               "NumNodes:7,RestartCnt:9,ReasonList:30"], capture_output=True, text=True)
+        proc = subprocess.run([squeue, "--me", "-O", "JobID:12,Name:20,State:12,TimeUsed:12,TimeLimit:14,"
+                               "NumNodes:7,RestartCnt:15,ReasonList:40"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise HwrError(f"squeue failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
         return proc.stdout.rstrip()

@@ -98,13 +98,13 @@ def train(run: Run) -> str:
             window = windows[w : w + accum]
             lr = get_lr(state.step, run.total_steps, run.steps_per_epoch, cfg.optim.lr, cfg.schedule)
             set_lr(run.optimizer, lr)
-            loss, grad_norm = train_step(run, window, want_norm=(state.step + 1) % cfg.train.log_every == 0)
+            loss, grad_norm = train_step(run, window, want_norm=log_due(run, state.step + 1))
             state.step += 1
             state.batch += len(window)
             meter.add(loss, sum(len(i) for i in window))
             last_step = state.step >= run.total_steps
             save_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
-            if state.step % cfg.train.log_every == 0 or save_due or last_step:
+            if log_due(run, state.step):
                 # A stop request on the last step is ignored: the run finishes (epoch end, test) instead.
                 stop = check_and_log(run, meter, lr, grad_norm) and not last_step
                 if save_due or stop:
@@ -117,7 +117,7 @@ def train(run: Run) -> str:
         if state.batch >= len(run.batches):  # epoch finished (not cut short by max_steps)
             state.epoch, state.batch = epoch + 1, 0
         improved = end_of_epoch(run, epoch)
-        save_checkpoint(run, best=improved)
+        save_checkpoint(run, best=improved, epoch_file=epoch + 1 if cfg.checkpoint.keep_epochs else 0)
         if state.step >= run.total_steps:
             return "completed"
         if cfg.train.early_stopping_patience and state.bad_epochs >= cfg.train.early_stopping_patience:
@@ -126,8 +126,17 @@ def train(run: Run) -> str:
     return "completed"
 
 
+def log_due(run: Run, step: int) -> bool:
+    """Whether optimizer step `step` (1-based) ends at a sync point: a log line, a step checkpoint or the end."""
+    every = run.cfg.checkpoint.every_steps
+    return step % run.cfg.train.log_every == 0 or bool(every and step % every == 0) or step >= run.total_steps
+
+
 def train_step(run: Run, window: list[torch.Tensor], want_norm: bool) -> tuple[torch.Tensor, float | None]:
-    """One optimizer step over a window of micro-batches; all-reduce only on the last one."""
+    """One optimizer step over a window of micro-batches; all-reduce only on the last one.
+
+    Nothing here waits for the device: the loss stays a device tensor, and the gradient norm is
+    read back (a host sync) only when `want_norm`, i.e. at a log point."""
     acc, model, cfg = run.acc, run.model, run.cfg
     total = torch.zeros((), device=acc.device)
     cached = run.features is not None  # then x holds backbone features and only the head runs
@@ -145,7 +154,8 @@ def train_step(run: Run, window: list[torch.Tensor], want_norm: bool) -> tuple[t
         total += loss.detach()
     grad_norm = None
     if cfg.optim.grad_clip > 0:
-        grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        grad_norm = float(norm) if want_norm else None
     elif want_norm:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
@@ -230,6 +240,7 @@ def end_of_epoch(run: Run, epoch: int) -> bool:
     state = run.state
     if len(run.data.val) == 0:
         state.best_epoch = epoch
+        run.tracker.log({"epoch": epoch + 1}, state.step)  # the epoch's end, in metrics.jsonl all the same
         return True
     result = evaluate(eval_model(run), run.data.val, len(run.data.classes), run.cfg.data.eval_batch_size, run.acc)
     improved = result.accuracy > state.best_accuracy
@@ -250,8 +261,8 @@ def rng_state(run: Run) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(run: Run, best: bool = False, step_file: bool = False) -> None:
-    """Every rank contributes its RNG state; the main process writes last.pt (and best/step)."""
+def save_checkpoint(run: Run, best: bool = False, step_file: bool = False, epoch_file: int = 0) -> None:
+    """Every rank contributes its RNG state; the main process writes last.pt (and best/step/epoch-N)."""
     rng = [rng_state(run)]
     if run.acc.num_processes > 1:
         from accelerate.utils import gather_object
@@ -275,7 +286,8 @@ def save_checkpoint(run: Run, best: bool = False, step_file: bool = False) -> No
     }
     last = run.ckpt_dir / "last.pt"
     atomic_save(ckpt, last)
-    for name, wanted in (("best.pt", best), (f"step-{run.state.step:08d}.pt", step_file)):
+    for name, wanted in (("best.pt", best), (f"step-{run.state.step:08d}.pt", step_file),
+                         (f"epoch-{epoch_file:03d}.pt", epoch_file > 0)):
         if wanted:  # a hard link: the same bytes, no second write; replaced atomically
             tmp = run.ckpt_dir / f".{name}.link"
             tmp.unlink(missing_ok=True)
@@ -389,7 +401,7 @@ def setup(cfg: Config, quiet: bool = False) -> Run:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
     gen = torch.Generator(device=acc.device).manual_seed(seed * 7919 + rank)
-    batches = ShardedBatches(len(data.train), cfg.data.batch_size, seed, rank, acc.num_processes)
+    batches = ShardedBatches(len(data.train), cfg.data.batch_size, seed, rank, acc.num_processes, acc.device)
     if acc.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)

@@ -29,16 +29,21 @@ fail() { local code=$1; shift; log "error: $*"; exit "$code"; }
 # this shell. torchrun does not forward USR1 to its workers, so the stop request travels as
 # the file $RUN_DIR/STOP on the shared file system: every rank on every node sees it and
 # they agree at the next check point to save checkpoints/last.pt, write preempted.json and
-# exit 0. TERM is also passed on to srun, which passes it to every process of the step
-# (the training processes only set a flag on it).
+# exit 0. TERM (the end is near) is also passed on to every process of the job's steps with
+# `scancel --signal=TERM` (the training processes only set a flag on it); not with
+# `kill -TERM <srun>`: srun takes TERM as "terminate the step" and SIGKILLs it after KillWait.
 SIGNALLED=""
 RUN_DIR=""
 LAUNCHER_PID=""
+FORWARDED=""
 on_signal() {
   [ -n "$SIGNALLED" ] || SIGNALLED=$1
   log "received SIG$1: asking training to save a checkpoint and stop"
   [ -n "$RUN_DIR" ] && touch "$RUN_DIR/STOP"
-  if [ "$1" = TERM ] && [ -n "$LAUNCHER_PID" ]; then kill -TERM "$LAUNCHER_PID" 2>/dev/null; fi
+  if [ "$1" = TERM ] && [ -n "$LAUNCHER_PID" ] && [ -z "$FORWARDED" ]; then
+    FORWARDED=1
+    scancel --signal=TERM "$SLURM_JOB_ID" && log "passed SIGTERM on to the training processes"
+  fi
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
@@ -47,9 +52,12 @@ trap 'on_signal TERM' TERM
 [ $# -ge 1 ] || fail 2 "usage: sbatch slurm/train.sh CONFIG [section.key=value ...]"
 CONFIG=$1
 shift
+printf -v AGAIN ' %q' "$CONFIG" "$@"
+AGAIN="sbatch [the same options] slurm/train.sh$AGAIN"  # to continue by hand
 
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 MAX_REQUEUES=${HWR_MAX_REQUEUES:-3}
+[[ "$MAX_REQUEUES" =~ ^[0-9]+$ ]] || fail 2 "HWR_MAX_REQUEUES=$MAX_REQUEUES is not an integer >= 0"
 log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) starting on ${SLURM_JOB_NODELIST:-?}: restart count $RESTARTS, at most $MAX_REQUEUES requeues"
 
 # --- environment: a hook users set once ---------------------------------------------------
@@ -167,7 +175,7 @@ log "launcher exited with status $RC"
 requeue() {
   if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
     log "error: not requeueing: this job was already requeued $RESTARTS time(s), the limit is HWR_MAX_REQUEUES=$MAX_REQUEUES."
-    log "error: continue from the checkpoint with: HWR_RUN_NAME=$(basename "$RUN_DIR") sbatch slurm/train.sh $CONFIG [overrides]"
+    log "error: continue from its checkpoint with: HWR_RUN_NAME=$(basename "$RUN_DIR") $AGAIN"
     exit 75
   fi
   trap - USR1 TERM
@@ -175,7 +183,7 @@ requeue() {
   if scontrol requeue "$SLURM_JOB_ID"; then
     exit 0
   fi
-  fail 1 "scontrol requeue $SLURM_JOB_ID failed; continue with: HWR_RUN_NAME=$(basename "$RUN_DIR") sbatch slurm/train.sh $CONFIG [overrides]"
+  fail 1 "scontrol requeue $SLURM_JOB_ID failed; continue with: HWR_RUN_NAME=$(basename "$RUN_DIR") $AGAIN"
 }
 if [ -f "$RUN_DIR/preempted.json" ]; then
   log "training stopped early to be preempted: $(tr -d '\n' <"$RUN_DIR/preempted.json")"

@@ -42,6 +42,17 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The README's main job, trained once per session: the default config on the built-in sample.
+
+    Returns (run directory, the finished `hwr train` process)."""
+    out = tmp_path_factory.mktemp("default")
+    proc = hwr("train", "configs/default.yaml", f"train.out_dir={out}", "--quiet", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "default", proc
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """Overrides for a tiny run writing under tmp_path."""

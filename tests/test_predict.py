@@ -7,20 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import hwr, one_error_line, train_module
+from conftest import hwr, one_error_line
 from paper_images import paper_row, write_paper_digits
 from PIL import Image
+from test_preprocess import blank_png
 
 from hwr_dist.data import load_dataset
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """One model for the module: the default recipe, 6 epochs (about 96-97% on the sample's test split)."""
-    out = tmp_path_factory.mktemp("predict")
-    proc = train_module("configs/default.yaml", "train.epochs=6", f"train.out_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "default"
+def run_dir(default_run):
+    """The session's trained default model (about 98% on the sample's test split)."""
+    return default_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +97,7 @@ def test_unusable_files_are_skipped_with_a_reason(run_dir, sample_test, tmp_path
     (folder / "notes.png").write_text("not an image")
     (folder / "empty.jpg").write_bytes(b"")
     Image.new("RGB", (120, 90), (230, 230, 225)).save(folder / "blank.png")
-    Image.new("L", (8000, 6000), 255).save(folder / "huge.png", optimize=False)
+    blank_png(folder / "huge.png", 8000, 6000)  # 48 megapixels in a few kilobytes
     data = good[0][0].read_bytes()
     (folder / "truncated.png").write_bytes(data[: len(data) // 3])
     (folder / "readme.txt").write_text("folders may hold other files; they are not images and are left out")

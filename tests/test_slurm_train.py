@@ -3,7 +3,7 @@
 Covers: one node x 2 processes, 2 nodes x 1 process, preemption by USR1 to the batch shell
 and by TERM (to the job's steps, as SLURM preempts; and to the batch shell), requeue, exact
 resume, the requeue limit, and failures that must not requeue. Every job trains the tiny
-recipe: 2 processes x 57 steps per epoch x 2 epochs = 114 optimizer steps, stop checks every
+recipe for one epoch: 57 optimizer steps with 2 processes (113 with one), stop checks every
 5 steps, a step checkpoint every 10.
 
 Set HWR_SLURM_EVIDENCE=FILE to append the squeue / scontrol records and resume lines there.
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, TINY, hwr, one_error_line
+from conftest import BIN, ROOT, TINY, hwr, one_error_line, train_module
 from slurm_fixture import SlurmClusterError, slurm_cluster  # noqa: F401  (fixture)
 
 SCRIPT = ROOT / "slurm" / "train.sh"
-ARGS = ["configs/default.yaml", *TINY, "train.log_every=5", "checkpoint.every_steps=10"]
-TOTAL = 114
+ARGS = ["configs/default.yaml", *TINY, "train.epochs=1", "train.log_every=5", "checkpoint.every_steps=10"]
+TOTAL = 57
 JOB_ENV = {"HWR_VENV": str(BIN.parent), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
 TWO_PROCS = dict(opts=["--cpus-per-task=2"], env={"HWR_PROCS_PER_NODE": "2"})
 TWO_NODES = dict(opts=["--nodes=2", "--cpus-per-task=1"], env={"HWR_PROCS_PER_NODE": "1"})
@@ -85,7 +85,7 @@ def evidence(title: str, text: str) -> None:
 
 
 def queue_records(job: Job) -> str:
-    squeue = job.cluster.run(["squeue", "-j", job.id, "-O", "JobID:8,Name:10,State:12,RestartCnt:10,Reason:20"]).stdout
+    squeue = job.cluster.run(["squeue", "-j", job.id, "-O", "JobID:8,Name:10,State:12,RestartCnt:12,Reason:20"]).stdout
     return squeue + job.cluster.run(["scontrol", "show", "job", job.id]).stdout
 
 
@@ -125,6 +125,17 @@ def test_submit_errors_are_one_line():
     assert proc.returncode == 2 and "optim.lr" in one_error_line(proc) and "sbatch" not in proc.stdout
 
 
+def test_stop_request_on_the_last_step_finishes_the_run(tmp_path):
+    """Stopping there would only requeue a job to run the final evaluation, and skip the last epoch end."""
+    run_dir = tmp_path / "runs" / "last"
+    run_dir.mkdir(parents=True)
+    (run_dir / "STOP").touch()
+    proc = train_module(*ARGS, f"train.out_dir={tmp_path / 'runs'}", "train.name=last", "train.max_steps=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (run_dir / "preempted.json").exists() and (run_dir / "eval_test" / "metrics.json").is_file()
+    assert params(run_dir)["state"]["step"] == 5
+
+
 # --- on the cluster -------------------------------------------------------------------------------------
 
 
@@ -150,25 +161,6 @@ def test_one_node_two_processes(reference):
 
 
 @pytest.mark.slurm
-def test_two_nodes_one_process_each_via_hwr_slurm_submit(slurm_cluster, tmp_path, reference):
-    log = tmp_path / "two.out"
-    proc = subprocess.run([str(BIN / "hwr"), "slurm", "submit", *ARGS, f"train.out_dir={tmp_path / 'runs'}",
-                           "--nodes", "2", "--procs-per-node", "1", "--cpus-per-task", "1", "-J", "two",
-                           "--output", str(log), "--time", "10"],
-                          cwd=ROOT, env={**slurm_cluster.env, **JOB_ENV}, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-    job = Job(slurm_cluster, job_id, log, tmp_path / "runs" / f"two-{job_id}")
-    job.wait("COMPLETED", 300)
-    text = job.text()
-    assert "world size 2: 2 node(s) x 1 process(es)" in text and "2 process(es), MULTI_CPU" in text, text
-    assert job.info()["NodeList"] == "n[1-2]"
-    assert_same_result(job.run_dir, reference.run_dir)  # same world size, same result as 1 node x 2
-    status = hwr("slurm", "status", job_id, **{"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]})
-    assert status.returncode == 0 and "COMPLETED" in status.stdout and "training finished" in status.stdout, status
-
-
-@pytest.mark.slurm
 def test_usr1_preemption_requeues_and_resumes_exactly(slurm_cluster, tmp_path, reference):
     job = submit(slurm_cluster, tmp_path, "usr1", **TWO_PROCS)
     job.wait("RUNNING", 60)
@@ -190,21 +182,37 @@ def test_usr1_preemption_requeues_and_resumes_exactly(slurm_cluster, tmp_path, r
 
 
 @pytest.mark.slurm
-def test_term_preemption_of_a_two_node_job_requeues_and_resumes_exactly(slurm_cluster, tmp_path, reference):
-    job = submit(slurm_cluster, tmp_path, "term", **TWO_NODES)
+def test_two_nodes_term_preemption_via_hwr_slurm_submit(slurm_cluster, tmp_path, reference):
+    """2 nodes x 1 process, submitted with `hwr slurm submit`; TERM as a preemption sends it."""
+    log = tmp_path / "term.out"
+    proc = subprocess.run([str(BIN / "hwr"), "slurm", "submit", *ARGS, f"train.out_dir={tmp_path / 'runs'}",
+                           "--nodes", "2", "--procs-per-node", "1", "--cpus-per-task", "1", "-J", "term",
+                           "--output", str(log), "--time", "10"],
+                          cwd=ROOT, env={**slurm_cluster.env, **JOB_ENV}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--nodes=2 --cpus-per-task=1" in proc.stdout and "HWR_PROCS_PER_NODE=1" in proc.stdout, proc.stdout
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    job = Job(slurm_cluster, job_id, log, tmp_path / "runs" / f"term-{job_id}")
     job.wait("RUNNING", 60)
     job.wait_for_step(20, timeout=240)
-    # As a preemption does: TERM to the job's steps (srun and all its processes), not to the batch shell.
+    # As SLURM preempts: TERM to the job's steps (srun and every process in it), not to the batch shell.
     slurm_cluster.run(["scancel", "--signal=TERM", job.id])
     job.wait("PENDING", 120)
     stopped = json.loads((job.run_dir / "preempted.json").read_text())
     assert 20 <= stopped["step"] < TOTAL and stopped["reason"] == "SIGTERM", stopped
     release(job)
     job.wait("COMPLETED", 300)
-    assert job.info()["Restarts"] == "1"
-    assert f"resumed from {job.run_dir}/checkpoints/last.pt at step {stopped['step']} " in job.text(), job.text()
+    info = job.info()
+    assert (info["Restarts"], info["ExitCode"], info["NodeList"]) == ("1", "0:0", "n[1-2]"), info
+    text = job.text()
+    assert text.count("world size 2: 2 node(s) x 1 process(es)") == 2 and "2 process(es), MULTI_CPU" in text, text
+    assert f"resumed from {job.run_dir}/checkpoints/last.pt at step {stopped['step']} " in text, text
     evidence(f"job {job.id} (2 nodes) after TERM", queue_records(job) + "\n" + resume_lines(job))
-    assert_same_result(job.run_dir, reference.run_dir)
+    assert_same_result(job.run_dir, reference.run_dir)  # same world size: same bits as 1 node x 2
+    status = hwr("slurm", "status", job_id, SLURM_CONF=slurm_cluster.env["SLURM_CONF"])
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"JobState\s+COMPLETED", status.stdout) and re.search(r"Restarts\s+1", status.stdout), status.stdout
+    assert "training finished" in status.stdout, status.stdout
 
 
 @pytest.mark.slurm
@@ -239,5 +247,5 @@ def test_requeue_limit_stops_a_job_that_keeps_being_preempted(slurm_cluster, tmp
     text = job.text()
     assert "received SIGTERM" in text and "received SIGUSR1" in text, text
     assert "already requeued 1 time(s), the limit is HWR_MAX_REQUEUES=1" in text, text
-    assert f"HWR_RUN_NAME={job.run_dir.name} sbatch slurm/train.sh" in text, text
+    assert f"HWR_RUN_NAME={job.run_dir.name} sbatch [the same options] slurm/train.sh configs/default.yaml" in text, text
     assert (job.run_dir / "preempted.json").exists() and (job.run_dir / "checkpoints" / "last.pt").exists()

@@ -17,15 +17,6 @@ def read_params(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """The README's main job: the default config on the built-in sample."""
-    out = tmp_path_factory.mktemp("default")
-    proc = hwr("train", "configs/default.yaml", f"train.out_dir={out}", "--quiet", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "default", proc
-
-
 def test_default_config_reaches_97_percent(default_run):
     run_dir, proc = default_run
     metrics = json.loads((run_dir / "eval_test" / "metrics.json").read_text())

@@ -13,7 +13,6 @@ import struct
 
 import pytest
 import torch
-import torchvision
 from conftest import hwr, one_error_line, train_module
 
 from hwr_dist.config import load_config
@@ -87,7 +86,8 @@ def test_folded_gray_conv_equals_rgb_model_on_repeated_gray_image():
     pixels = torch.rand(3, 1, 28, 28)
     pixels[0] = 0  # black borders: zero padding differs between the two spaces
     x = (pixels - MEAN) / STD  # what the loop feeds the model
-    ref = (pixels.repeat(1, 3, 1, 1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb_mean, rgb_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    ref = (pixels.repeat(1, 3, 1, 1) - rgb_mean) / rgb_std
     ref = torch.nn.functional.interpolate(ref, size=32, mode="bilinear", align_corners=False)
     with torch.no_grad():
         conv1 = model.features[0](model.resize(x))
@@ -196,9 +196,32 @@ def test_cache_and_no_cache_give_the_same_head(tiny_mnist, tmp_path):
         ckpt = torch.load(tmp_path / mode / "checkpoints" / "last.pt", weights_only=True)
         heads[mode] = params(ckpt["model"], "head.")
         assert ckpt["state"]["epoch"] == 1
-    assert [p.name for p in (tmp_path / "on" / "feature_cache").iterdir()] and not (tmp_path / "off" / "feature_cache").exists()
+    assert list((tmp_path / "on" / "feature_cache").glob("*.pt"))
+    assert not (tmp_path / "off" / "feature_cache").exists()
     for k in heads["on"]:
         torch.testing.assert_close(heads["on"][k], heads["off"][k], atol=1e-5, rtol=1e-4)
+
+
+def test_cache_key_changes_with_weights_input_size_and_data():
+    from hwr_dist.data.loader import DeviceData
+    from hwr_dist.finetune import cache_key
+
+    torch.manual_seed(6)
+    images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    data = DeviceData(images, torch.zeros(8, dtype=torch.long), MEAN, STD)
+    model = VGG("vgg11", 10, 32)
+    key = cache_key(model, data, "no")
+    assert cache_key(model, data, "no") == key
+    assert cache_key(VGG("vgg11", 10, 64), data, "no") != key
+    other = images.clone()
+    other[0, 0, 0] ^= 1
+    assert cache_key(model, DeviceData(other, data.labels, MEAN, STD), "no") != key
+    with torch.no_grad():
+        model.features[3].weight[0, 0, 0, 0] += 1e-3
+    changed = cache_key(model, data, "no")
+    assert changed != key
+    model.head.classifier[0].weight.data += 1  # the head is not part of the cached features
+    assert cache_key(model, data, "no") == changed
 
 
 def test_gradual_unfreezing_after_cached_head_epochs(tiny_mnist, tmp_path):

@@ -42,8 +42,11 @@ def elastic_offsets(x: torch.Tensor, g: torch.Generator, alpha: float, sigma: fl
     k = k / k.sum()
     noise = F.conv2d(noise.view(-1, 1, h, w), k.view(1, 1, 1, -1), padding=(0, radius))
     noise = F.conv2d(noise, k.view(1, 1, -1, 1), padding=(radius, 0)).view(b, 2, h, w)
-    scale = torch.tensor([2 / w, 2 / h], device=x.device, dtype=x.dtype)
-    return noise.permute(0, 2, 3, 1) * alpha * scale
+    # Pixels to grid units per axis, by Python scalars: a torch.tensor([...], device=cuda) here
+    # would be a blocking host-to-device copy on every step.
+    noise[:, 0].mul_(alpha * 2 / w)
+    noise[:, 1].mul_(alpha * 2 / h)
+    return noise.permute(0, 2, 3, 1)
 
 
 def random_erase(x: torch.Tensor, g: torch.Generator, p: float, max_area: float = 0.25) -> torch.Tensor:

@@ -3,6 +3,11 @@
 The epoch's order is a permutation seeded by (seed, epoch), identical on every rank;
 rank r takes every world-th element of it, so shards are disjoint, equal in length, and
 the same order is rebuilt exactly on resume from (epoch, batch index) alone.
+
+The permutation is drawn on the CPU (the same order on every device type) and copied to the
+training device once per epoch: batches are then slices of a device tensor, and a step makes
+no host-to-device copy for its indices (on CUDA a per-step copy from pageable memory would
+block the host).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class ShardedBatches:
     seed: int
     rank: int = 0
     world: int = 1
+    device: str | torch.device = "cpu"
+    """Where the index tensors live: the training device."""
 
     @property
     def shard_len(self) -> int:
@@ -41,7 +48,7 @@ class ShardedBatches:
 
     def batches(self, epoch: int, start: int = 0):
         """Index tensors of this rank's batches in `epoch`, from batch number `start` on."""
-        shard = self.shard(epoch)
+        shard = self.shard(epoch).to(self.device)  # one copy per epoch, not one per step
         for i in range(start, len(self)):
             yield shard[i * self.batch_size : (i + 1) * self.batch_size]
 

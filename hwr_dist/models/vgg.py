@@ -310,7 +310,8 @@ def load_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise HwrError(f"model.weights: {path} cannot be read as a state dict ({first[:120]})") from None
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
         return obj.get("ema") or obj["model"], "checkpoint"
-    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    tensors = isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())
+    if tensors and all(isinstance(k, str) for k in obj):
         return obj, "state dict"
     raise HwrError(f"model.weights: {path} is neither an hwr-dist checkpoint nor a state dict of tensors")
 
@@ -360,7 +361,8 @@ def load_into(model: VGG, state: dict[str, torch.Tensor], where: str, mean=IMAGE
                     and state[k].shape == own[k].shape and torch.isfinite(state[k]).all()})
     missing_now = model.load_state_dict(new, strict=False).missing_keys
     replaced = [k for k in missing_now if k.startswith("head.")]
-    return f"weights from {where}" + (f"; new head ({len(replaced)} tensors initialised)" if replaced else "; head loaded")
+    head = f"new head ({len(replaced)} tensors initialised)" if replaced else "head loaded"
+    return f"weights from {where}; {head}"
 
 
 def build_vgg(cfg, num_classes: int) -> VGG:

@@ -1,0 +1,168 @@
+"""Wall time to a target test accuracy: the tutorial recipe vs `hwr train CONFIG`, in one invocation.
+
+    python bench/time_to_accuracy.py --data fashion-mnist --config configs/fast_fashion.yaml --target 0.91
+    python bench/time_to_accuracy.py --data mnist-sample --config configs/fast_sample.yaml --target 0.98
+
+The rule, the same for both: test accuracy is measured after every epoch, and the time to
+target is the clock at the end of the first epoch whose test accuracy reaches the target.
+The test split never steers training: ours trains its recipe to the end (keeping every
+epoch's checkpoint, `checkpoint.keep_epochs=true`), and the epoch checkpoints are scored on
+the test split afterwards; the baseline's per-epoch test evaluation happens with its clock
+paused (it stops after reaching the target: later epochs could not change its number).
+
+What is timed, for both: from just before the data is read from disk to the end of that
+epoch. Ours runs in this process through `hwr_dist.train.run_training`, the function
+`hwr train` calls (or, with --subprocess, as the real `hwr train` command, counted from the
+process launch, i.e. with interpreter start and `import torch` too); its clock includes
+reading and unpacking the IDX .gz files, building the model (and compiling it), every
+training step, the per-epoch validation pass and checkpoint writes, and is read from the
+epoch-end rows of its metrics.jsonl. The baseline's includes torchvision reading the
+unpacked files, its DataLoader and training. Neither counts `import torch`.
+images/s = training images processed up to that epoch / that clock (so set-up counts too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_tutorial import prepare_root, train_baseline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def epoch_end_times(run_dir: Path) -> dict[int, float]:
+    """epoch -> wall-clock time (time.time()) of its end row in metrics.jsonl (validation row or plain)."""
+    ends = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "epoch" in row and "loss" not in row and "test_accuracy" not in row:
+            ends[int(row["epoch"])] = float(row["time"])
+    return ends
+
+
+def score_epochs(run_dir: Path, data_name: str, data_root: str) -> dict[int, float]:
+    """Test accuracy of every epoch-NNN.pt of a run, scored afterwards."""
+    from hwr_dist.data import load_dataset
+    from hwr_dist.data.loader import DeviceData
+    from hwr_dist.evaluate import evaluate
+    from hwr_dist.inference import load_trained
+
+    bundle = load_dataset(data_name, data_root)
+    scores = {}
+    for path in sorted((run_dir / "checkpoints").glob("epoch-*.pt")):
+        trained = load_trained(path)
+        test = DeviceData.from_split(bundle.test, "cpu", trained.mean, trained.std)
+        scores[int(path.stem.split("-")[1])] = evaluate(trained.model, test, len(trained.classes), 1000).accuracy
+    return scores
+
+
+def run_ours(config: Path, overrides: list[str], out_dir: Path, name: str, subprocess_mode: bool) -> dict:
+    overrides = [*overrides, f"train.out_dir={out_dir}", f"train.name={name}", "checkpoint.keep_epochs=true"]
+    started = time.time()
+    if subprocess_mode:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        subprocess.run([str(Path(sys.executable).parent / "hwr"), "train", str(config), *overrides, "--quiet"],
+                       cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    else:
+        from hwr_dist.config import load_config
+        from hwr_dist.train import run_training
+
+        cfg = load_config(config, overrides)
+        run_training(cfg, quiet=True)
+    run_dir = out_dir / name
+    from hwr_dist.config import config_from_dict
+
+    cfg = config_from_dict(__import__("yaml").safe_load((run_dir / "config.yaml").read_text()))
+    ends = epoch_end_times(run_dir)
+    scores = score_epochs(run_dir, cfg.data.name, cfg.data.root)
+    train_images = json.loads((run_dir / "tracking.json").read_text())["system"]["train_images"]
+    rates = [json.loads(x)["images_per_s"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "images_per_s" in x]
+    curve = [{"epoch": e, "clock_s": ends[e] - started, "test_accuracy": scores[e], "images": e * train_images}
+             for e in sorted(scores) if e in ends]
+    steady = sorted(rates[1:] or rates)[len(rates[1:] or rates) // 2] if rates else float("nan")
+    return {"curve": curve, "steady_images_per_s": steady}
+
+
+def run_baseline(data: str, root: Path, epochs: int, target: float) -> dict:
+    results = train_baseline(data, root, epochs, target, log=lambda line: print("  " + line, flush=True))
+    curve = [{"epoch": r.epoch, "clock_s": r.train_time_s, "test_accuracy": r.test_accuracy, "images": r.images}
+             for r in results]
+    return {"curve": curve}
+
+
+def first_reaching(curve: list[dict], target: float) -> dict | None:
+    return next((c for c in curve if c["test_accuracy"] >= target), None)
+
+
+def describe(name: str, res: dict, target: float) -> str:
+    hit = first_reaching(res["curve"], target)
+    best = max((c["test_accuracy"] for c in res["curve"]), default=float("nan"))
+    if hit is None:
+        return f"{name:9s} did not reach {target:.1%} (best {best:.2%} in {len(res['curve'])} epochs)"
+    return (f"{name:9s} {hit['clock_s']:7.1f} s to {target:.1%} (epoch {hit['epoch']}, test {hit['test_accuracy']:.2%}), "
+            f"{hit['images'] / hit['clock_s']:7.0f} images/s end to end")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist-sample or mnist")
+    p.add_argument("--config", type=Path, required=True, help="our recipe, e.g. configs/fast_fashion.yaml")
+    p.add_argument("--target", type=float, required=True, help="test accuracy, e.g. 0.91")
+    p.add_argument("--baseline-epochs", type=int, default=15, help="give up on the baseline after this many")
+    p.add_argument("--baseline-root", type=Path, default=Path(tempfile.gettempdir()) / "hwr-baseline-data")
+    p.add_argument("--source", type=Path, default=None, help="folder of the IDX files for the baseline (mnist)")
+    p.add_argument("--repeats", type=int, default=1, help="pairs to run, alternating which goes first")
+    p.add_argument("--subprocess", action="store_true", help="run ours as the `hwr train` command, timed from launch")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="write every curve here")
+    p.add_argument("overrides", nargs="*", help="overrides for our config, section.key=value")
+    a = p.parse_args(argv)
+    root = prepare_root(a.data, a.baseline_root, a.source)  # untimed set-up
+    overrides = [f"data.name={a.data}", *a.overrides]
+    print(f"{a.data}: target {a.target:.1%}; ours = {a.config} {' '.join(a.overrides)}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.repeats):
+            order = ["ours", "baseline"] if r % 2 == 0 else ["baseline", "ours"]
+            pair = {}
+            for who in order:
+                if who == "baseline" and a.skip_baseline:
+                    continue
+                load = os.getloadavg()[0]
+                if who == "ours":
+                    pair[who] = run_ours(a.config, overrides, Path(tmp), f"ours{r}", a.subprocess)
+                else:
+                    pair[who] = run_baseline(a.data, root, a.baseline_epochs, a.target)
+                pair[who]["load_before"] = load
+                print(describe(who, pair[who], a.target) + f" [load {load:.2f} -> {os.getloadavg()[0]:.2f}]",
+                      flush=True)
+            if "ours" in pair:
+                print("  ours, per epoch: " + ", ".join(f"{c['epoch']}: {c['test_accuracy']:.2%} @ {c['clock_s']:.1f} s"
+                                                        for c in pair["ours"]["curve"])
+                      + f"; steady {pair['ours']['steady_images_per_s']:.0f} images/s while training", flush=True)
+            hits = {k: first_reaching(v["curve"], a.target) for k, v in pair.items()}
+            if hits.get("ours") and hits.get("baseline"):
+                ratio = hits["baseline"]["clock_s"] / hits["ours"]["clock_s"]
+                print(f"pair {r + 1}: ours reaches {a.target:.1%} {ratio:.1f}x sooner than the baseline", flush=True)
+                pair["ratio"] = ratio
+            pairs.append(pair)
+    print(f"load at the end {os.getloadavg()[0]:.2f} (1-minute average)")
+    if a.json:
+        a.json.write_text(json.dumps({"data": a.data, "target": a.target, "config": str(a.config),
+                                      "overrides": a.overrides, "pairs": pairs}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Models, schedules and optimizer plumbing: pure functions, checked without training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hwr_dist.config import Config
+from hwr_dist.models import MODELS, build_model
+from hwr_dist.optim import EMA, build_optimizer, get_lr, set_lr
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "lenet5", "cnn_bn"])
+@pytest.mark.parametrize("classes", [10, 26, 47])
+def test_models_follow_the_class_count(name, classes):
+    cfg = Config().model
+    cfg.name = name
+    model = build_model(cfg, classes)
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, classes)
+    assert name in MODELS
+
+
+def test_small_cnn_is_the_classic_tutorial_net():
+    layers = [type(m).__name__ for m in build_model(Config().model, 10)]
+    assert layers == ["Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "ReLU", "Dropout", "Linear"]
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine", "step", "constant"])
+def test_schedules(name):
+    cfg = Config().schedule
+    cfg.name, cfg.step_epochs = name, 2
+    lrs = [get_lr(s, 100, 10, 0.1, cfg) for s in range(100)]
+    assert all(lr > 0 or (name == "cosine" and s == 0 and lr >= 0) for s, lr in enumerate(lrs))
+    assert max(lrs) == pytest.approx(0.1)
+    if name in ("onecycle", "cosine"):
+        peak = lrs.index(max(lrs))
+        assert peak == 19  # warmup_fraction 0.2 of 100 steps
+        assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))  # rises
+        assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # then falls
+        assert lrs[-1] == pytest.approx(0.1 * cfg.min_lr_ratio, rel=0.05)
+    if name == "step":
+        assert lrs[19] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.01)
+    if name == "constant":
+        assert set(lrs) == {0.1}
+
+
+def test_no_weight_decay_on_biases_and_lr_scale():
+    cfg = Config()
+    model = build_model(cfg.model, 10)
+    opt = build_optimizer(model, cfg.optim)
+    decays = {g["weight_decay"] for g in opt.param_groups}
+    assert decays == {0.0, cfg.optim.weight_decay}
+    for g in opt.param_groups:
+        assert all((p.ndim > 1) == (g["weight_decay"] > 0) for p in g["params"])
+    set_lr(opt, 0.5)
+    assert all(math.isclose(g["lr"], 0.5) for g in opt.param_groups)
+
+
+def test_ema_tracks_weights():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    before = ema.state_dict()["weight"].clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.state_dict()["weight"], before + 1.0)
