@@ -123,7 +123,7 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="a .pt file or a run di
              out: Optional[Path] = typer.Option(None, help="where to write the report (default: the run directory)"),
              data_root: Optional[str] = typer.Option(None, help="override data.root of the checkpoint's config")):
     """Accuracy, per-class precision/recall/F1, confusion matrix and plots for a checkpoint."""
-    from hwr_dist.evaluate_cli import evaluate_checkpoint
+    from hwr_dist.report import evaluate_checkpoint
 
     if split not in ("test", "val"):
         raise HwrError(f"--split must be test or val, got {split!r}")

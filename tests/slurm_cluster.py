@@ -631,7 +631,11 @@ class SlurmCluster:
         return "\n".join(lines)
 
     def release(self, job_id: str | int) -> None:
-        """Let a pending (e.g. requeued) job start now instead of after its BeginTime."""
+        """Let a pending (e.g. requeued) job start now instead of after its BeginTime.
+
+        Not within the second of the requeue: slurmctld then revokes the new start's job
+        credential ("Job credential revoked") and the job fails at once."""
+        time.sleep(2)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def signal_batch(self, job_id: str | int, sig: str = "USR1") -> None:

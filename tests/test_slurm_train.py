@@ -60,14 +60,6 @@ class Job:
             time.sleep(0.1)
 
 
-def release(job: Job) -> None:
-    """Start a requeued (pending) job now instead of after its requeue delay. Not in the same second
-    as the requeue: slurmd refuses credentials issued in the second their job's old ones were revoked
-    ("Killing non-startable batch JobId=N: Job credential revoked"; the job ends FAILED)."""
-    time.sleep(2)
-    job.cluster.release(job.id)
-
-
 def submit(cluster, tmp_path: Path, name: str, *overrides: str, opts=(), env=None) -> Job:
     runs, log = tmp_path / "runs", tmp_path / f"{name}.out"
     job_id = cluster.submit(SCRIPT, args=[*ARGS, f"train.out_dir={runs}", *overrides],
@@ -85,7 +77,7 @@ def evidence(title: str, text: str) -> None:
 
 
 def queue_records(job: Job) -> str:
-    squeue = job.cluster.run(["squeue", "-j", job.id, "-O", "JobID:8,Name:10,State:12,RestartCnt:12,Reason:20"]).stdout
+    squeue = job.cluster.run(["squeue", "-j", job.id, "-O", "JobID:8,Name:10,State:12,RestartCnt:14,Reason:20"]).stdout
     return squeue + job.cluster.run(["scontrol", "show", "job", job.id]).stdout
 
 
@@ -170,7 +162,7 @@ def test_usr1_preemption_requeues_and_resumes_exactly(slurm_cluster, tmp_path, r
     stopped = json.loads((job.run_dir / "preempted.json").read_text())
     assert 20 <= stopped["step"] < TOTAL, stopped
     evidence(f"job {job.id} after USR1: requeued, pending", queue_records(job))
-    release(job)
+    job.cluster.release(job.id)
     job.wait("COMPLETED", 300)
     info = job.info()
     assert (info["Restarts"], info["ExitCode"]) == ("1", "0:0"), info
@@ -200,7 +192,7 @@ def test_two_nodes_term_preemption_via_hwr_slurm_submit(slurm_cluster, tmp_path,
     job.wait("PENDING", 120)
     stopped = json.loads((job.run_dir / "preempted.json").read_text())
     assert 20 <= stopped["step"] < TOTAL and stopped["reason"] == "SIGTERM", stopped
-    release(job)
+    job.cluster.release(job.id)
     job.wait("COMPLETED", 300)
     info = job.info()
     assert (info["Restarts"], info["ExitCode"], info["NodeList"]) == ("1", "0:0", "n[1-2]"), info
@@ -237,7 +229,7 @@ def test_requeue_limit_stops_a_job_that_keeps_being_preempted(slurm_cluster, tmp
     slurm_cluster.signal_batch(job.id, "TERM")  # TERM to the batch shell: STOP file, and TERM passed to srun
     job.wait("PENDING", 120)
     step = json.loads((job.run_dir / "preempted.json").read_text())["step"]
-    release(job)
+    job.cluster.release(job.id)
     job.wait("RUNNING", 60)
     job.wait_for_step(step + 10, timeout=240)
     slurm_cluster.signal_batch(job.id, "USR1")
