@@ -87,6 +87,7 @@ class EpochResult:
     train_time_s: float  # cumulative clock at the end of this epoch, test evaluation excluded
     test_accuracy: float
     images: int  # training images seen so far
+    cpu_s: float = 0.0  # process CPU time at the end of this epoch (all threads), test evaluation excluded
 
 
 def test_accuracy(model: nn.Module, loader) -> float:
@@ -112,8 +113,8 @@ def train_baseline(data: str, root: Path, epochs: int = 10, target: float | None
     torch.manual_seed(seed)
     tv_name, _ = SOURCES[data]
     mean, std = MEAN_STD[data]
-    started = time.perf_counter()
-    paused = 0.0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    paused = cpu_paused = 0.0
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     cls = getattr(datasets, tv_name)
     train_set = cls(str(root), train=True, download=False, transform=tf)
@@ -133,10 +134,12 @@ def train_baseline(data: str, root: Path, epochs: int = 10, target: float | None
             optimizer.step()
             images += len(y)
         clock = time.perf_counter() - started - paused
-        pause_from = time.perf_counter()
+        cpu = time.process_time() - cpu_started - cpu_paused
+        pause_from, cpu_pause_from = time.perf_counter(), time.process_time()
         acc = test_accuracy(model, test_loader)
         paused += time.perf_counter() - pause_from
-        results.append(EpochResult(epoch, clock, acc, images))
+        cpu_paused += time.process_time() - cpu_pause_from
+        results.append(EpochResult(epoch, clock, acc, images, cpu))
         log(f"baseline epoch {epoch}: test accuracy {acc:.2%} at {clock:.1f} s ({images / clock:.0f} images/s), "
             f"loss {loss.item():.4f}")
         if target is not None and acc >= target:

@@ -57,7 +57,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"
-    """Model from the registry: small_cnn, lenet5, cnn_bn, vgg."""
+    """Model from the registry: small_cnn, lenet5, cnn_bn, fast_cnn, vgg."""
     dropout: float = 0.5
     """Dropout before the classifier."""
     width: int = 32
@@ -73,7 +73,8 @@ class ModelConfig:
     input_size: int = 32
     """vgg: side the batch is resized to on the device (>= 32: VGG pools five times)."""
     head: str = "linear"
-    """vgg: linear (global pool + linear), mlp (global pool + hidden layer) or vgg (original classifier, new last layer)."""
+    """vgg: linear (global pool, standardised, linear), mlp (+ a hidden layer) or vgg (original classifier, new last layer);
+    fast_cnn: linear, or mlp (a hidden layer of 128)."""
     freeze: str = "none"
     """vgg: none, or features (the backbone is frozen except its last trainable_blocks blocks)."""
     trainable_blocks: int = 0
@@ -323,6 +324,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.width > 0, "model.width", "a positive integer", cfg.model.width)
     if cfg.model.name == "vgg":
         _validate_vgg(cfg)
+    if cfg.model.name == "fast_cnn":
+        _one_of("model.head", cfg.model.head, {"linear", "mlp"})
     _one_of("optim.name", cfg.optim.name, {"sgd", "adam", "adamw"})
     _check(cfg.optim.lr > 0, "optim.lr", "a number > 0", cfg.optim.lr)
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "a number >= 0", cfg.optim.weight_decay)

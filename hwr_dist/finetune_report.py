@@ -110,7 +110,7 @@ def finetune_report(cfg: Config, json_out: bool = False, out: Path | None = None
     t = Table(title=f"fine-tuning report: {cfg.model.variant} from {cfg.model.weights} on {cfg.data.name} "
                     "(test split, same seed and steps)", title_justify="left")
     for col in ("policy", "before", "after", "gain", "best val", "trainable params", "wall time"):
-        t.add_column(col, justify="left" if col == "policy" else "right")
+        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
     for r in rows.values():
         after = r["test_accuracy_after"] or 0.0
         t.add_row(r["policy"], f"{r['test_accuracy_before']:.2%}", f"{after:.2%}",

@@ -162,14 +162,14 @@ def train_step(run: Run, window: list[torch.Tensor], want_norm: bool) -> tuple[t
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
-        run.ema.update(run.acc.unwrap_model(model))
+        run.ema.update(unwrapped(run))
     return total, grad_norm
 
 
 def start_epoch(run: Run, epoch: int) -> None:
     """The model's epoch hook (gradual unfreezing). When it changes which parameters train, DDP is
     built anew (it registers the trainable parameters at construction) and cached features go."""
-    hook = getattr(run.acc.unwrap_model(run.model), "on_epoch_start", None)
+    hook = getattr(unwrapped(run), "on_epoch_start", None)
     if hook is None or not hook(epoch):
         return
     from hwr_dist.finetune import rewrap_ddp
@@ -223,9 +223,16 @@ def check_and_log(run: Run, meter: Meter, lr: float, grad_norm: float | None) ->
     return stop > 0
 
 
+def unwrapped(run: Run) -> torch.nn.Module:
+    """The bare model: without DDP and without torch.compile's wrapper, whose state_dict keys would
+    carry an `_orig_mod.` prefix (checkpoints and the EMA use the bare names either way)."""
+    model = run.acc.unwrap_model(run.model)
+    return getattr(model, "_orig_mod", model)
+
+
 def eval_model(run: Run) -> torch.nn.Module:
     """The weights to evaluate: the EMA copy when enabled, else the model itself (unwrapped)."""
-    model = run.acc.unwrap_model(run.model)
+    model = unwrapped(run)
     if run.ema is None:
         return model
     import copy
@@ -273,7 +280,7 @@ def save_checkpoint(run: Run, best: bool = False, step_file: bool = False, epoch
     scaler = getattr(run.acc, "scaler", None)
     ckpt = {
         "format": CHECKPOINT_FORMAT,
-        "model": run.acc.unwrap_model(run.model).state_dict(),
+        "model": unwrapped(run).state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
@@ -299,7 +306,7 @@ def save_checkpoint(run: Run, best: bool = False, step_file: bool = False, epoch
 
 def restore(run: Run, ckpt: dict, source: Path) -> str:
     """Put model, optimizer, EMA, counters and this rank's RNG back as they were saved."""
-    load_model_state(run.acc.unwrap_model(run.model), ckpt["model"], str(source))
+    load_model_state(unwrapped(run), ckpt["model"], str(source))
     saved_optim = ckpt["config"]["optim"]["name"]
     if saved_optim != run.cfg.optim.name:
         raise HwrError(f"{source} was trained with optim.name={saved_optim}; resume with the same optimizer "

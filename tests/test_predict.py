@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -68,7 +69,11 @@ def test_table_output(run_dir, sample_test, tmp_path):
     for col in ("file", "prediction", "probability", "top"):
         assert col in proc.stdout
     assert "000.png" in proc.stdout and "002.png" in proc.stdout
-    assert proc.stdout.count("0.") >= 9  # a probability and three top-3 entries per row
+    rows = [line for line in proc.stdout.splitlines() if re.search(r"\d{3}\.(png|jpg)", line)]
+    assert len(rows) == 3
+    for row in rows:  # a probability, then three top-3 entries of class and probability
+        assert re.search(r"│\s*\d\.\d{3}\s*│", row), row
+        assert len(re.findall(r"\S+ \d\.\d\d", row.split("│")[-2])) == 3, row
 
 
 def test_segment_reads_rows_of_digits(run_dir, sample_test, tmp_path):

@@ -175,7 +175,7 @@ def test_tool_checkpoint_as_weights_other_head_is_replaced(frozen_run, tmp_path)
     torch.save(ckpt, path)
     same = build_vgg(load_config(None, ["model.name=vgg", "model.variant=vgg11_bn", f"model.weights={path}"]).model, 10)
     assert "checkpoint" in same.weights_note and "head loaded" in same.weights_note
-    assert torch.equal(same.state_dict()["head.classifier.0.weight"], ckpt["ema"]["head.classifier.0.weight"])
+    assert torch.equal(same.state_dict()["head.classifier.1.weight"], ckpt["ema"]["head.classifier.1.weight"])
     other = build_vgg(load_config(None, ["model.name=vgg", "model.variant=vgg11_bn", "model.head=mlp",
                                          f"model.weights={path}"]).model, 26)
     assert "new head" in other.weights_note
@@ -220,7 +220,7 @@ def test_cache_key_changes_with_weights_input_size_and_data():
         model.features[3].weight[0, 0, 0, 0] += 1e-3
     changed = cache_key(model, data, "no")
     assert changed != key
-    model.head.classifier[0].weight.data += 1  # the head is not part of the cached features
+    model.head.classifier[1].weight.data += 1  # the head is not part of the cached features
     assert cache_key(model, data, "no") == changed
 
 

@@ -9,13 +9,14 @@ from typing import Callable
 
 from torch import nn
 
-from hwr_dist.models.cnn import build_cnn_bn, build_lenet5, build_small_cnn
+from hwr_dist.models.cnn import build_cnn_bn, build_fast_cnn, build_lenet5, build_small_cnn
 from hwr_dist.models.vgg import build_vgg
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": build_small_cnn,
     "lenet5": build_lenet5,
     "cnn_bn": build_cnn_bn,
+    "fast_cnn": build_fast_cnn,
     "vgg": build_vgg,
 }
 
