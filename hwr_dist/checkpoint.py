@@ -62,22 +62,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def _listing(keys: list[str]) -> str:
+    return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
+
+
+def mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], keys: list[str],
+             extra: list[str]) -> str:
+    """What keeps `state` from loading into a model whose state is `own`, over `keys`; '' if it fits."""
+    missing = [k for k in keys if k not in state]
+    shapes = [k for k in keys if k in state and state[k].shape != own[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"missing {_listing(missing)}")
+    if extra:
+        parts.append(f"unexpected {_listing(extra)}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"shape of {k} is {tuple(state[k].shape)}, the model has {tuple(own[k].shape)}"
+                     + (f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""))
+    return "; ".join(parts)
+
+
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict with a one-line error for checkpoints of another model or class count."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if extra:
-            parts.append(f"unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"shape of {k} is {tuple(state[k].shape)}, the model has {tuple(own[k].shape)}")
-        raise HwrError(f"{where} does not fit this model ({'; '.join(parts)}): "
+    problem = mismatch(own, state, list(own), sorted(set(state) - set(own)))
+    if problem:
+        raise HwrError(f"{where} does not fit this model ({problem}): "
                        "it was trained with another model or number of classes")
     model.load_state_dict(state)
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hwr_dist.checkpoint import mismatch
 from hwr_dist.errors import HwrError
 
 # torchvision's layer plans (vgg.cfgs): numbers are conv widths, "M" a 2x2 max-pool.
@@ -331,10 +332,6 @@ def load_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     raise HwrError(f"model.weights: {path} is neither an hwr-dist checkpoint nor a state dict of tensors")
 
 
-def _listing(keys: list[str]) -> str:
-    return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
-
 def load_into(model: VGG, state: dict[str, torch.Tensor], where: str, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> str:
     """Backbone must fit exactly (RGB first convs are folded); the head loads if it fits, else
     stays new. Returns a one-line note of what happened."""
@@ -348,21 +345,11 @@ def load_into(model: VGG, state: dict[str, torch.Tensor], where: str, mean=IMAGE
     own = model.state_dict()
     keep = {"features.0.data_mean", "features.0.data_std"}  # set from the current data, not the source
     backbone = [k for k in own if not k.startswith("head.") and k not in keep]
-    missing = [k for k in backbone if k not in state]
-    shapes = [k for k in backbone if k in state and state[k].shape != own[k].shape]
     extra = [k for k in state if not k.startswith("head.") and k not in own and k not in keep
              and not k.startswith(("avgpool.",))]
-    if missing or shapes or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {_listing(missing)}")
-        if extra:
-            parts.append(f"unexpected {_listing(extra)}")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"shape of {k} is {tuple(state[k].shape)}, {model.variant} has {tuple(own[k].shape)}"
-                         + (f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""))
-        raise HwrError(f"model.weights: {where} does not fit {model.variant} ({'; '.join(parts)}); "
+    problem = mismatch(own, state, backbone, extra)
+    if problem:
+        raise HwrError(f"model.weights: {where} does not fit {model.variant} ({problem}); "
                        "pick the variant it was saved from")
     new = {k: state[k] for k in backbone}
     head_keys = [k for k in own if k.startswith("head.")]
