@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs: `make train` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,wandb,onnx
+EXTRAS ?= dev,wandb,onnx,tensorboard
 
 .PHONY: train test venv clean
 $(VENV)/.installed: pyproject.toml

@@ -115,9 +115,13 @@ def test_accumulation_equals_large_batch_and_syncs_once_per_step(tmp_path):
 
 
 def test_elastic_restart_resumes_from_checkpoint(tmp_path):
-    """Kill one worker mid-run: torchrun restarts the group, which resumes from last.pt."""
+    """Kill one worker mid-run: torchrun restarts the group, which resumes from last.pt.
+
+    Two restarts are allowed: on a loaded machine the first restarted group has once
+    failed to build its gloo mesh (connection refused between the new workers); the job
+    must still finish and resume from the checkpoint rather than from scratch."""
     args = [*tiny(tmp_path, "elastic"), "train.max_steps=0", "train.epochs=2", "checkpoint.every_steps=10"]
-    cmd = ["bash", "launch/torchrun.sh", "-n", "2", "--max-restarts", "1", *args, "--quiet"]
+    cmd = ["bash", "launch/torchrun.sh", "-n", "2", "--max-restarts", "2", *args, "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     ckpts = tmp_path / "elastic" / "checkpoints"
