@@ -135,21 +135,22 @@ def test_tensorboard_gets_the_same_scalars(dist_run):
 @pytest.mark.slow
 def test_killed_job_resumes_into_the_same_run(tmp_path):
     run_dir = tmp_path / "runs" / "killed"
-    args = [*TINY, "data.batch_size=64", "train.log_every=5", "checkpoint.every_steps=10", "train.resume=auto",
+    total = 4 * 57  # 4 epochs of 3600 images in batches of 64: long enough to be killed mid-run
+    args = [*TINY, "train.epochs=4", "data.batch_size=64", "train.log_every=5", "checkpoint.every_steps=10", "train.resume=auto",
             f"train.out_dir={tmp_path / 'runs'}", "train.name=killed", "tracking.wandb.enabled=true",
             "tracking.tensorboard=true"]
     wenv = wandb_env(tmp_path)  # no WANDB_DIR: W&B writes into the run directory
     cmd = [sys.executable, "-m", "hwr_dist.train", "configs/default.yaml", *args, "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**wenv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)  # its own process group: wandb-core dies with it
-    deadline = time.time() + 120
+    deadline = time.time() + 300
 
     def wandb_file_written() -> bool:  # offline, wandb flushes its file every second
         files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
         return bool(files) and bool(read_run(files[0], strict=False).steps)
 
     while not ((run_dir / "checkpoints" / "step-00000020.pt").exists() and wandb_file_written()) \
-            and time.time() < deadline:
+            and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -157,7 +158,7 @@ def test_killed_job_resumes_into_the_same_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     state = read_torch(run_dir / "checkpoints" / "last.pt")["state"]
     killed_at, run_id = state["step"], state["tracker_run_id"]
-    assert 20 <= killed_at < 114 and run_id, state  # killed mid-run, the id is in the checkpoint
+    assert 20 <= killed_at < total and run_id, state  # killed mid-run, the id is in the checkpoint
     assert json.loads((run_dir / "tracking.json").read_text())["run_id"] == run_id
 
     resumed = train_module("configs/default.yaml", *args, **wenv)
@@ -173,13 +174,13 @@ def test_killed_job_resumes_into_the_same_run(tmp_path):
     assert first.steps == list(range(5, 5 * len(first.steps) + 1, 5))  # what was flushed before the kill
     # the resumed job starts after the checkpoint's step: no restart at step 0
     assert min(second.steps) == killed_at + 5 and second.steps == sorted(second.steps)
-    assert [s for s, _ in second.metric("loss")] == list(range(killed_at + 5, 114, 5)) + [114]
-    assert second.summary["steps"] == 114 and "test_accuracy" in second.summary
+    assert [s for s, _ in second.metric("loss")] == list(range(killed_at + 5, total, 5)) + [total]
+    assert second.summary["steps"] == total and "test_accuracy" in second.summary
     assert second.config["system"]["world_size"] == 1
     assert read_torch(run_dir / "checkpoints" / "last.pt")["state"]["tracker_run_id"] == run_id
     # TensorBoard: events after the checkpoint written by the killed job are purged
     steps = [s for s, _ in tb_scalars(run_dir / "tensorboard", "loss")]
-    assert steps == list(range(5, 114, 5)) + [114]
+    assert steps == list(range(5, total, 5)) + [total]
 
 
 # --- missing packages ------------------------------------------------------------------------
