@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline_tutorial import prepare_root, train_baseline  # noqa: E402
+from baseline_tutorial import prepare_root, train_baseline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,8 +82,10 @@ def run_ours(config: Path, overrides: list[str], out_dir: Path, name: str, subpr
     started, cpu_started = time.time(), time.process_time()
     if subprocess_mode:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        subprocess.run([str(Path(sys.executable).parent / "hwr"), "train", str(config), *overrides, "--quiet"],
-                       cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        proc = subprocess.run([str(Path(sys.executable).parent / "hwr"), "train", str(config), *overrides, "--quiet"],
+                              cwd=ROOT, env=env, capture_output=not verbose, text=True, check=False)
+        if proc.returncode:
+            raise SystemExit(f"hwr train failed:\n{(proc.stderr or '')[-3000:]}")
     else:
         import hwr_dist.train as train_mod
         from hwr_dist.config import load_config

@@ -1,0 +1,175 @@
+"""The fast paths train correctly on the CPU (no timing asserted here: see bench/RESULTS.md), the
+step makes no host sync, and the GPU path's choices (device-side indices, fused AdamW, the
+speedrun's settings) are taken where they should be."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, train_module
+
+from hwr_dist.config import load_config
+from hwr_dist.data.loader import ShardedBatches
+from hwr_dist.optim import build_optimizer
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+QUICK = ["model.name=fast_cnn", "model.width=8", "model.head=mlp", "model.dropout=0", "data.batch_size=64",
+         "train.epochs=1", "train.max_steps=40", "train.log_every=10", "optim.lr=0.01", "data.augment.enabled=false"]
+
+
+def trained(tmp_path: Path, *overrides: str, timeout: float = 600) -> dict:
+    proc = train_module("configs/default.yaml", *QUICK, f"train.out_dir={tmp_path}", "train.name=r", *overrides,
+                        timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "r"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("fast", [["model.channels_last=true"], ["train.mixed_precision=bf16"],
+                                  ["model.channels_last=true", "train.mixed_precision=bf16"]],
+                         ids=["channels_last", "bf16", "channels_last+bf16"])
+def test_fast_options_train(tmp_path, fast):
+    summary = trained(tmp_path, *fast)
+    assert summary["test_accuracy"] > 0.6  # 40 steps of a tiny net on the sample: ~85-90%
+
+
+def test_compiled_model_trains_and_its_checkpoint_loads(tmp_path):
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler (none on PATH)")
+    try:
+        summary = trained(tmp_path, "model.compile=true", "model.channels_last=true", timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.skip("torch.compile on this CPU took over 5 minutes (a loaded machine): not run")
+    assert summary["test_accuracy"] > 0.6
+    from hwr_dist.inference import load_trained
+
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    load_trained(tmp_path / "r" / "checkpoints" / "best.pt")  # a plain model loads it
+
+
+def test_unwrapped_strips_compile_and_wrappers():
+    from hwr_dist.train import unwrapped
+
+    net = torch.nn.Linear(2, 2)
+    run = SimpleNamespace(acc=SimpleNamespace(unwrap_model=lambda m: m), model=torch.compile(net))
+    assert unwrapped(run) is net  # state_dict keys without the `_orig_mod.` prefix
+
+
+SYNCING = ["item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy", "nonzero"]
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """Every call that reads a tensor back to the host (a sync on CUDA) counted over steps between
+    log points: none in the step, the batch gather, augmentation (all kinds on) or grad clipping."""
+    from accelerate.state import AcceleratorState
+
+    from hwr_dist.train import setup, train_step
+
+    AcceleratorState._reset_state(True)
+    cfg = load_config(ROOT / "configs" / "default.yaml", [
+        *QUICK, f"train.out_dir={tmp_path}", "optim.grad_clip=1.0", "data.augment.enabled=true",
+        "data.augment.elastic_alpha=2", "data.augment.erasing=0.5", "train.ema_decay=0.9", "model.channels_last=true"])
+    run = setup(cfg, quiet=True)
+    windows = list(run.batches.batches(0))[:4]
+    assert all(w.device == run.acc.device for w in windows)
+    calls = []
+    for name in SYNCING:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _original=original, **k):
+            # The optimizers' step counters are host tensors by design (torch.optim keeps `step` on
+            # the CPU unless fused/capturable, precisely so that reading it never syncs): not counted.
+            caller = sys._getframe(1).f_code.co_filename
+            if not (self.device.type == "cpu" and f"torch{os.sep}optim" in caller):
+                calls.append(f"{_name} from {Path(caller).name}")
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    try:
+        losses = [train_step(run, [w], want_norm=False) for w in windows]
+        assert calls == [], f"host syncs in a training step: {calls}"
+        _, norm = train_step(run, [windows[0]], want_norm=True)  # a log point reads the norm back
+        assert any(c.startswith("__float__") for c in calls) and norm is not None and math.isfinite(norm)
+    finally:
+        monkeypatch.undo()
+        run.tracker.finish("completed")
+        AcceleratorState._reset_state(True)
+    assert all(torch.isfinite(loss) for loss, _ in losses)
+
+
+def test_batch_indices_live_on_the_training_device():
+    cpu = ShardedBatches(1000, 64, seed=3)
+    meta = ShardedBatches(1000, 64, seed=3, device="meta")
+    a, b = list(cpu.batches(2)), list(meta.batches(2))
+    assert all(x.device.type == "cpu" for x in a) and all(x.device.type == "meta" for x in b)
+    assert [len(x) for x in a] == [len(x) for x in b]
+    assert torch.equal(torch.cat(a).sort().values, torch.arange(1000))  # still a permutation, same as before
+
+
+def test_fused_adamw_only_for_cuda_parameters(monkeypatch):
+    cfg = load_config(None, []).optim
+    assert not build_optimizer(torch.nn.Linear(3, 3), cfg).defaults.get("fused")
+    seen = {}
+
+    class Recorder(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            seen.update(kw)
+            super().__init__(params, **{k: v for k, v in kw.items() if k != "fused"})
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    build_optimizer(torch.nn.Linear(3, 3), cfg)
+    assert seen.get("fused") is True
+
+
+def test_speedrun_chooses_the_gpu_path_only_on_cuda():
+    from gpu_speedrun import speedrun_overrides
+
+    assert speedrun_overrides("cuda", smoke=False) == []  # the recipe as configured: bf16, compile, ...
+    smoke = speedrun_overrides("cpu", smoke=True)
+    assert "train.device=cpu" in smoke and "model.compile=false" in smoke and "data.name=mnist-sample" in smoke
+    assert "model.compile=true" in speedrun_overrides("cpu", smoke=True, compile_on_cpu=True)
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        speedrun_overrides("cpu", smoke=False)
+    gpu = load_config(ROOT / "configs" / "fast_mnist_gpu.yaml")
+    assert (gpu.train.mixed_precision, gpu.model.channels_last, gpu.model.compile, gpu.train.device) == \
+        ("bf16", True, True, "cuda")
+    assert 60000 % gpu.data.batch_size == 0  # no short last batch: one compiled shape
+    assert gpu.data.val_fraction == 0
+
+
+@pytest.mark.parametrize("name", ["fast_sample", "fast_fashion", "cnn_fashion", "cnn_mnist", "fast_mnist_gpu",
+                                  "fast_mnist_gpu_995"])
+def test_shipped_recipes_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    from hwr_dist.models import build_model
+
+    model = build_model(cfg.model, 10)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_keep_epochs_and_epoch_rows_without_validation(tmp_path):
+    proc = train_module("configs/default.yaml", *QUICK, "train.max_steps=0", "train.epochs=2",
+                        "data.val_fraction=0", "checkpoint.keep_epochs=true", f"train.out_dir={tmp_path}",
+                        "train.name=r", "data.batch_size=500")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("epoch-*.pt")) == ["epoch-001.pt", "epoch-002.pt"]
+    from time_to_accuracy import epoch_end_times
+
+    assert sorted(epoch_end_times(tmp_path / "r")) == [1, 2]
