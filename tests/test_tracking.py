@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ROOT, TINY, env, hwr, one_error_line, run, train_module
+from conftest import BIN, ROOT, TINY, env, hwr, one_error_line, run, train_module, wait_for
 
 pytest.importorskip("wandb")
 
@@ -141,20 +141,23 @@ def test_killed_job_resumes_into_the_same_run(tmp_path):
             "tracking.tensorboard=true"]
     wenv = wandb_env(tmp_path)  # no WANDB_DIR: W&B writes into the run directory
     cmd = [sys.executable, "-m", "hwr_dist.train", "configs/default.yaml", *args, "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**wenv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own process group: wandb-core dies with it
-    deadline = time.time() + 300
+    log = tmp_path / "killed.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**wenv), stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)  # its own process group: wandb-core dies with it
+    wait_for(lambda: (run_dir / "checkpoints" / "step-00000020.pt").exists() or proc.poll() is not None, 300)
+    # Freeze the trainer mid-run so a fast machine cannot finish first; wandb-core, a separate process,
+    # keeps flushing what it was sent to its file every second.
+    os.kill(proc.pid, signal.SIGSTOP)
+    assert proc.poll() is None, log.read_text()[-3000:]
 
-    def wandb_file_written() -> bool:  # offline, wandb flushes its file every second
+    def wandb_file_written() -> bool:
         files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
         return bool(files) and bool(read_run(files[0], strict=False).steps)
 
-    while not ((run_dir / "checkpoints" / "step-00000020.pt").exists() and wandb_file_written()) \
-            and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
+    wait_for(wandb_file_written, 30)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     state = read_torch(run_dir / "checkpoints" / "last.pt")["state"]
     killed_at, run_id = state["step"], state["tracker_run_id"]

@@ -6,11 +6,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, env, hwr, one_error_line, train_module
+from conftest import ROOT, env, hwr, one_error_line, train_module, wait_for
 
 
 def read_params(path):
@@ -52,9 +51,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
     cmd = [sys.executable, "-m", "hwr_dist.train", "configs/default.yaml", *args, "train.name=killed", "--quiet"]
     ckpts = tmp_path / "runs" / "killed" / "checkpoints"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not list(ckpts.glob("step-00000045.pt")) and time.time() < deadline:  # mid first epoch (113 batches)
-        time.sleep(0.05)
+    wait_for(lambda: (ckpts / "step-00000045.pt").exists(), 300)  # mid first epoch (113 batches)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
