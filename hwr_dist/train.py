@@ -344,6 +344,17 @@ def preempted(run: Run) -> str:
     return "preempted"
 
 
+def check_elastic_store() -> None:
+    # torch 2.14's elastic agents share one store across rendezvous rounds and the default
+    # group's keys there do not name the round: a restarted group reads the dead group's
+    # gloo addresses and fails ("connection refused") or hangs.
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 \
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise HwrError("restarts (--max_restarts) with torchrun's shared store hang when the group restarts; "
+                       "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun with the c10d rendezvous, "
+                       "as launch/torchrun.sh and launch/torchrun_multinode.sh do")
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
@@ -352,6 +363,7 @@ def make_accelerator(cfg: Config):
         raise HwrError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
     if cfg.train.mixed_precision == "fp16" and use_cpu:
         raise HwrError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 on CPU")
+    check_elastic_store()
     # cpu=True matters: without it a CPU multi-process launch silently runs without DDP.
     acc = Accelerator(cpu=use_cpu, mixed_precision=cfg.train.mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))

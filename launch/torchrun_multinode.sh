@@ -23,8 +23,8 @@ done
   exit 2
 }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# With the agent's store, gloo process groups of a restarted group hang in their set-up
-# (seen with torch 2.14); workers keeping their own store restart cleanly.
-export TORCHELASTIC_USE_AGENT_STORE=${TORCHELASTIC_USE_AGENT_STORE:-False}
+# Each rendezvous round gets a fresh store: torch 2.14's shared store keeps the dead group's
+# keys, and a restarted group reads its old gloo addresses ("connection refused", or a hang).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" --rdzv_backend c10d --rdzv_endpoint "$endpoint" \
   --rdzv_id "$rdzv_id" --max_restarts "$restarts" -m hwr_dist.train "$@" train.resume=auto

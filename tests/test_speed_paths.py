@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,10 +49,7 @@ def test_fast_options_train(tmp_path, fast):
 def test_compiled_model_trains_and_its_checkpoint_loads(tmp_path):
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("torch.compile on CPU needs a C++ compiler (none on PATH)")
-    try:
-        summary = trained(tmp_path, "model.compile=true", "model.channels_last=true", timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip("torch.compile on this CPU took over 5 minutes (a loaded machine): not run")
+    summary = trained(tmp_path, "model.compile=true", "model.channels_last=true", timeout=600)
     assert summary["test_accuracy"] > 0.6
     from hwr_dist.inference import load_trained
 
