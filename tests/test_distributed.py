@@ -47,6 +47,45 @@ def tiny(tmp_path: Path, name: str, *extra: str) -> list[str]:
             f"train.name={name}", *extra]
 
 
+def workers_of(launcher: subprocess.Popen) -> list[int]:
+    # torchrun (exec'd by the launch scripts, so the Popen's pid) is the parent of its workers
+    out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def kill_one_worker_and_finish(launchers: list[subprocess.Popen], run_dir: Path) -> None:
+    """SIGKILL the last launcher's last worker once step 30 is saved, then wait for the launchers."""
+    wait_for(lambda: (run_dir / "checkpoints" / "step-00000030.pt").exists(), 300, poll=0.1)
+    workers = workers_of(launchers[-1])
+    assert workers, "no worker to kill"
+    os.kill(workers[-1], signal.SIGKILL)
+    try:
+        for p in launchers:
+            p.wait(timeout=150)
+    except subprocess.TimeoutExpired:  # workers run in sessions of their own: kill them, then torchrun
+        for p in launchers:
+            for pid in workers_of(p):
+                os.kill(pid, signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
+        raise
+
+
+def start_logged(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+    # A file, not a pipe: a pipe nobody reads yet can fill and stall torchrun's agent.
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env(**extra_env), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def resume_step(log: str) -> int:
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert resumed, log[-3000:]
+    return int(resumed[0].split(" at step ")[1].split()[0])
+
+
+ELASTIC = ["train.max_steps=0", "train.epochs=2", "checkpoint.every_steps=10", "--quiet"]
+
+
 def test_accelerate_launch_two_processes(tmp_path):
     out = tmp_path / "probe"
     proc = run(accelerate_cmd(2, [PROBE, *tiny(tmp_path, "acc")]), ACCELERATE_USE_CPU="1", HWR_PROBE_OUT=str(out))
@@ -78,10 +117,11 @@ def test_torchrun_two_nodes_on_one_host(tmp_path):
     cmds = [[str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
              "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes", PROBE, *tiny(tmp_path, "nodes")]
             for _ in range(2)]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env(HWR_PROBE_OUT=str(out)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for c in cmds]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(l[-2000:] for l in logs)
+    procs = [start_logged(c, tmp_path / f"node{i}.log", HWR_PROBE_OUT=str(out)) for i, c in enumerate(cmds)]
+    for p in procs:
+        p.wait(timeout=600)
+    assert all(p.returncode == 0 for p in procs), "\n".join((tmp_path / f"node{i}.log").read_text()[-2000:]
+                                                            for i in range(2))
     assert_identical_replicas(probes(out, 2), 2)
 
 
@@ -113,42 +153,12 @@ def test_accumulation_equals_large_batch_and_syncs_once_per_step(tmp_path):
     assert [p["allreduce_calls"] for p in p2] == [8, 8]
 
 
-def workers_of(launcher: subprocess.Popen) -> list[int]:
-    # torchrun (exec'd by the launch scripts, so the Popen's pid) is the parent of its workers
-    out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def kill_one_worker_and_finish(launchers: list[subprocess.Popen], run_dir: Path) -> list[str]:
-    """SIGKILL the last launcher's last worker once step 30 is saved; the launchers' logs."""
-    wait_for(lambda: (run_dir / "checkpoints" / "step-00000030.pt").exists(), 300, poll=0.1)
-    os.kill(workers_of(launchers[-1])[-1], signal.SIGKILL)
-    try:
-        return [p.communicate(timeout=150)[0] for p in launchers]
-    except subprocess.TimeoutExpired:  # workers run in sessions of their own: kill them, then torchrun
-        for p in launchers:
-            for pid in workers_of(p):
-                os.kill(pid, signal.SIGKILL)
-            os.killpg(p.pid, signal.SIGKILL)
-        raise
-
-
-def resume_step(log: str) -> int:
-    resumed = [line for line in log.splitlines() if "resumed from" in line]
-    assert resumed, log[-3000:]
-    return int(resumed[0].split(" at step ")[1].split()[0])
-
-
-ELASTIC = ["train.max_steps=0", "train.epochs=2", "checkpoint.every_steps=10", "--quiet"]
-
-
 def test_elastic_restart_resumes_from_checkpoint(tmp_path):
     """Kill one worker mid-run: torchrun restarts the group once, and it resumes from last.pt."""
     cmd = ["bash", "launch/torchrun.sh", "-n", "2", "--max-restarts", "1", *tiny(tmp_path, "elastic"), *ELASTIC]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    wait_for(lambda: len(workers_of(proc)) == 2, 60)
-    (log,) = kill_one_worker_and_finish([proc], tmp_path / "elastic")
+    proc = start_logged(cmd, tmp_path / "torchrun.log")
+    kill_one_worker_and_finish([proc], tmp_path / "elastic")
+    log = (tmp_path / "torchrun.log").read_text()
     assert proc.returncode == 0, log[-3000:]
     assert resume_step(log) >= 30
     assert (tmp_path / "elastic" / "eval_test" / "metrics.json").exists()
@@ -158,10 +168,10 @@ def test_elastic_restart_across_two_nodes(tmp_path):
     """Two "nodes" with c10d rendezvous: a worker dies on one, both restart and resume from last.pt."""
     cmd = ["bash", "launch/torchrun_multinode.sh", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint",
            f"127.0.0.1:{free_port()}", "--max-restarts", "1", *tiny(tmp_path, "nodes"), *ELASTIC]
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for _ in range(2)]
-    logs = kill_one_worker_and_finish(nodes, tmp_path / "nodes")
-    assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    nodes = [start_logged(cmd, tmp_path / f"node{i}.log") for i in range(2)]
+    kill_one_worker_and_finish(nodes, tmp_path / "nodes")
+    logs = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert resume_step("\n".join(logs)) >= 30
     assert (tmp_path / "nodes" / "eval_test" / "metrics.json").exists()
 
