@@ -78,8 +78,9 @@ def compute_features(model, data: DeviceData, batch_size: int, acc) -> torch.Ten
 def build_feature_cache(run) -> FeatureCache | None:
     """The cache for `run` (a train.Run) if it applies now, loaded from disk when the key matches."""
     from hwr_dist.checkpoint import atomic_save
+    from hwr_dist.train import unwrapped
 
-    model = run.acc.unwrap_model(run.model)
+    model = unwrapped(run)
     if not wants_cache(run.cfg, model, run.state.epoch):
         return None
     data = run.data.train

@@ -433,8 +433,8 @@ def setup(cfg: Config, quiet: bool = False) -> Run:
             truncate_metrics(run_dir, run.state.step)
         run.display.print(warning or f"resumed from {source} at step {run.state.step} "
                                      f"(epoch {run.state.epoch + 1}, batch {run.state.batch})")
-    elif getattr(acc.unwrap_model(model), "weights_note", ""):
-        run.display.print(acc.unwrap_model(model).weights_note)
+    elif note := getattr(unwrapped(run), "weights_note", ""):
+        run.display.print(note)
     if cfg.model.name == "vgg":  # frozen backbone, fixed inputs: train the head on cached features
         from hwr_dist.finetune import build_feature_cache
 

@@ -35,18 +35,15 @@ def train_module(*args: str, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "hwr_dist.train", *args, "--quiet"], **kw)
 
 
+def wait_for(condition, timeout: float, poll: float = 0.05) -> None:
+    """Poll `condition` until it holds or `timeout` seconds pass; the caller's asserts say which."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(poll)
+
+
 # A quick recipe: small CNN, a few hundred steps, dropout and augmentation on so that
 # resuming must restore every random stream to match.
-def wait_for(condition, timeout: float, poll: float = 0.05) -> bool:
-    """Poll `condition` until it holds or `timeout` seconds pass; returns whether it held."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(poll)
-    return True
-
-
 TINY = [
     "model.name=small_cnn", "model.width=8", "data.batch_size=32", "train.epochs=2", "train.log_every=10",
     "schedule.name=cosine", "optim.lr=0.003",

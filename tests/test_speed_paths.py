@@ -26,9 +26,8 @@ QUICK = ["model.name=fast_cnn", "model.width=8", "model.head=mlp", "model.dropou
          "train.epochs=1", "train.max_steps=40", "train.log_every=10", "optim.lr=0.01", "data.augment.enabled=false"]
 
 
-def trained(tmp_path: Path, *overrides: str, timeout: float = 600) -> dict:
-    proc = train_module("configs/default.yaml", *QUICK, f"train.out_dir={tmp_path}", "train.name=r", *overrides,
-                        timeout=timeout)
+def trained(tmp_path: Path, *overrides: str) -> dict:
+    proc = train_module("configs/default.yaml", *QUICK, f"train.out_dir={tmp_path}", "train.name=r", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "r"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -49,7 +48,7 @@ def test_fast_options_train(tmp_path, fast):
 def test_compiled_model_trains_and_its_checkpoint_loads(tmp_path):
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("torch.compile on CPU needs a C++ compiler (none on PATH)")
-    summary = trained(tmp_path, "model.compile=true", "model.channels_last=true", timeout=600)
+    summary = trained(tmp_path, "model.compile=true", "model.channels_last=true")
     assert summary["test_accuracy"] > 0.6
     from hwr_dist.inference import load_trained
 
