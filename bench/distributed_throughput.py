@@ -18,8 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hwr_dist.train.launcher import TRAIN_MODULE, accelerate_argv
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def measure(name: str, nproc: int, batch: int, accum: int, steps: int, model: str, out: Path) -> float:
@@ -28,10 +29,9 @@ def measure(name: str, nproc: int, batch: int, accum: int, steps: int, model: st
             "train.log_every=20", f"train.out_dir={out}", f"train.name={name}", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), "ACCELERATE_USE_CPU": "1"}
     if nproc == 1:
-        cmd = [sys.executable, "-m", "hwr_dist.train", *args]
+        cmd = [sys.executable, *TRAIN_MODULE, *args]
     else:
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hwr_dist.train", *args]
+        cmd = accelerate_argv(nproc, [*TRAIN_MODULE, *args])
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     rates = [x["images_per_s"] for x in lines if "images_per_s" in x][1:]

@@ -5,7 +5,8 @@
     python bench/gpu_speedrun.py --runs 3 --sync-debug ...           # seeds 0..2; list host syncs
     python bench/gpu_speedrun.py --smoke                             # CPU, built-in sample, tiny: code path only
 
-It drives the package's own loop (`hwr_dist.train.setup` and `train`), so what is timed is
+It drives the package's own loop (`hwr_dist.train.setup.setup` and `hwr_dist.train.loop.train`, timed
+through the loop's hooks), so what is timed is
 what `hwr train` does: every optimizer step, the log points (the loop's only host syncs),
 and the per-epoch checkpoint write. Set-up is not timed: reading the data and putting it on
 the GPU, building the model, and a warm-up of a few steps and one evaluation pass that
@@ -54,20 +55,20 @@ def sync(device: torch.device) -> None:
 
 def warm_up(run, steps: int = 3) -> float:
     """A few real steps and one evaluation pass (compiles both modes), then every state put back."""
-    import hwr_dist.train as T
     from hwr_dist.evaluate import evaluate
+    from hwr_dist.train.loop import eval_model, train_step
 
     t = time.perf_counter()
-    model_state = copy.deepcopy(T.unwrapped(run).state_dict())
+    model_state = copy.deepcopy(run.bare.state_dict())
     optim_state = copy.deepcopy(run.optimizer.state_dict())
     ema_state = copy.deepcopy(run.ema.state_dict()) if run.ema is not None else None
     gen_state = run.gen.get_state()
     cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     windows = list(run.batches.batches(0))[:steps]
     for w in windows:
-        T.train_step(run, [w], want_norm=True)
-    evaluate(T.eval_model(run), run.data.test, len(run.data.classes), run.cfg.data.eval_batch_size, run.acc)
-    T.unwrapped(run).load_state_dict(model_state)
+        train_step(run, [w], want_norm=True)
+    evaluate(eval_model(run), run.data.test, len(run.data.classes), run.cfg.data.eval_batch_size, run.acc)
+    run.bare.load_state_dict(model_state)
     run.optimizer.load_state_dict(optim_state)
     run.optimizer.zero_grad(set_to_none=True)
     if ema_state is not None:
@@ -81,42 +82,38 @@ def warm_up(run, steps: int = 3) -> float:
 
 
 def one_run(cfg, sync_debug: bool) -> dict:
-    import hwr_dist.train as T
     from hwr_dist.evaluate import evaluate
+    from hwr_dist.train.loop import eval_model, train
+    from hwr_dist.train.setup import Hooks, setup
 
     t0 = time.perf_counter()
-    run = T.setup(cfg, quiet=True)
+    run = setup(cfg, quiet=True)
     dev = run.acc.device
     sync(dev)
     setup_s = time.perf_counter() - t0
     warm_s = warm_up(run)
     curve: list[dict] = []
     clock = {"total": 0.0, "resumed": 0.0, "ckpt": 0.0}
-    original_end, original_save = T.end_of_epoch, T.save_checkpoint
 
-    def end_of_epoch(run_, epoch):
-        improved = original_end(run_, epoch)
+    def score_epoch(run_, epoch):  # after the epoch's validation and checkpoint; scoring is not timed
         sync(dev)
         clock["total"] += time.perf_counter() - clock["resumed"]
-        with warnings.catch_warnings():  # scoring is outside the timed region
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if sync_debug:
                 torch.cuda.set_sync_debug_mode(0)
-            acc = evaluate(T.eval_model(run_), run_.data.test, len(run_.data.classes), cfg.data.eval_batch_size,
+            acc = evaluate(eval_model(run_), run_.data.test, len(run_.data.classes), cfg.data.eval_batch_size,
                            run_.acc).accuracy
             if sync_debug:
                 torch.cuda.set_sync_debug_mode(1)
         curve.append({"epoch": epoch + 1, "train_s": clock["total"], "test_accuracy": acc})
         sync(dev)
         clock["resumed"] = time.perf_counter()
-        return improved
 
-    def save_checkpoint(*args, **kwargs):  # timed as part of the loop, and reported on its own
-        t = time.perf_counter()
-        original_save(*args, **kwargs)
-        clock["ckpt"] += time.perf_counter() - t
+    def count_checkpoint(run_, seconds):  # timed as part of the loop, and reported on its own
+        clock["ckpt"] += seconds
 
-    T.end_of_epoch, T.save_checkpoint = end_of_epoch, save_checkpoint
+    run.hooks = Hooks(epoch_end=[score_epoch], checkpoint_saved=[count_checkpoint])
     caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -125,11 +122,10 @@ def one_run(cfg, sync_debug: bool) -> dict:
                 torch.cuda.set_sync_debug_mode(1)  # warn on every synchronising call
             sync(dev)
             clock["resumed"] = time.perf_counter()
-            T.train(run)
+            train(run)
             sync(dev)
-            clock["total"] += time.perf_counter() - clock["resumed"]  # after the last epoch's checkpoint
+            clock["total"] += time.perf_counter() - clock["resumed"]
     finally:
-        T.end_of_epoch, T.save_checkpoint = original_end, original_save
         if sync_debug:
             torch.cuda.set_sync_debug_mode(0)
         run.tracker.finish("completed")
@@ -153,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     a = p.parse_args(argv)
-    from hwr_dist.config import load_config
+    from hwr_dist.recipes import load as load_config
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     extra = speedrun_overrides(device_type, a.smoke, a.compile_on_cpu)

@@ -33,10 +33,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from hwr_dist.export import (CALIBRATION, SUFFIX, Measure, _quiet, accuracy, contract, dynamic_meta,  # noqa: E402
-                             example_input, load_exported, load_split, print_report, quantize_dynamic_linear,
-                             static_conv_dynamic_dense, static_conv_meta, torch_threads, write_export)
-from hwr_dist.inference import load_trained  # noqa: E402
+from hwr_dist.checkpoint import load_trained  # noqa: E402
+from hwr_dist.export.contract import META_FILE, SUFFIX, contract, dynamic_meta, example_input  # noqa: E402
+from hwr_dist.export.formats import load_exported, write_export  # noqa: E402
+from hwr_dist.export.measure import Measure, accuracy, load_split, print_report, torch_threads  # noqa: E402
+from hwr_dist.export.quantize import (CALIBRATION, calibration_images, quantize_dynamic_linear,  # noqa: E402
+                                      quiet_exporters, static_conv_dynamic_dense, static_conv_meta)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,19 +50,11 @@ def train_default(folder: Path) -> Path:
     return folder / "default"
 
 
-def calibration_images(trained) -> torch.Tensor:
-    from hwr_dist.data import load_dataset
-
-    train = load_dataset(trained.cfg.data.name, trained.cfg.data.root).train
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:CALIBRATION]
-    return train.images[idx].unsqueeze(1).float().div(255).sub(trained.mean).div(trained.std)
-
-
 def static_all_torchscript(trained, calib: torch.Tensor, out: Path) -> None:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    with _quiet(), torch.no_grad():
+    with quiet_exporters(), torch.no_grad():
         torch.backends.quantized.engine = "x86"
         prepared = prepare_fx(copy.deepcopy(trained.model).eval(), get_default_qconfig_mapping("x86"),
                               example_inputs=(calib[:2],))
@@ -68,9 +62,9 @@ def static_all_torchscript(trained, calib: torch.Tensor, out: Path) -> None:
             prepared(calib[i:i + 64])
         quantized = convert_fx(prepared)
         traced = torch.jit.trace(quantized, calib[:2])
-        meta = contract(trained, "torchscript", "int8", False)
-        meta["quantization"] = {"scheme": "int8 static", "layers": "conv and dense", "tool": "torch FX x86"}
-        traced.save(str(out), _extra_files={"hwr_meta.json": json.dumps(meta)})
+        meta = contract(trained, "torchscript", {"scheme": "int8 static", "layers": "conv and dense",
+                                                 "tool": "torch FX x86"}, False)
+        traced.save(str(out), _extra_files={META_FILE: json.dumps(meta)})
 
 
 def static_onnx(trained, calib: torch.Tensor, float_onnx: Path, out: Path) -> None:
@@ -84,7 +78,7 @@ def static_onnx(trained, calib: torch.Tensor, float_onnx: Path, out: Path) -> No
         def get_next(self):
             return next(self.batches, None)
 
-    with _quiet():
+    with quiet_exporters():
         quantize_static(str(float_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     model = onnx.load(str(out))  # the quantiser drops metadata_props: copy the contract over
@@ -119,7 +113,7 @@ def main() -> None:
         test, why = load_split(trained, "test")
         if test is None:
             sys.exit(f"error: cannot measure accuracy: {why}")
-        calib = calibration_images(trained)
+        calib = calibration_images(trained, load_split(trained, "train")[0])  # found: the test split loaded
         variants: list[tuple[str, Path]] = []
         for fmt in args.formats.split(","):
             plain, dyn, conv, static = (tmp / f"{k}{SUFFIX[fmt]}" for k in ("float", "int8", "conv", "static"))

@@ -3,7 +3,7 @@
     python bench/throughput.py [--models small_cnn,lenet5,cnn_bn] [--batches 64,256,1024] [--steps 30]
                                [--data mnist-sample] [section.key=value ...]
 
-Both sides are the package's own code on a real run (`hwr_dist.train.setup`): the step is
+Both sides are the package's own code on a real run (`hwr_dist.train.setup.setup`): the step is
 `train_step` (forward, loss, backward, optimizer step; no host sync), the data path is
 `DeviceData.batch` (gather by index from the uint8 tensor, scale, batched augmentation,
 normalise) for the same index tensors. On CUDA each timing ends with a synchronize.
@@ -43,8 +43,9 @@ def timed(fn, n: int, device) -> float:
 
 
 def measure(model: str, batch: int, steps: int, data: str, extra: list[str], out: Path) -> dict:
-    from hwr_dist.config import load_config
-    from hwr_dist.train import setup, train_step
+    from hwr_dist.recipes import load as load_config
+    from hwr_dist.train.loop import train_step
+    from hwr_dist.train.setup import setup
 
     cfg = load_config(ROOT / "configs" / "default.yaml",
                       [f"data.name={data}", f"model.name={model}", f"data.batch_size={batch}", "data.val_fraction=0",

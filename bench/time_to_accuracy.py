@@ -11,7 +11,7 @@ the test split afterwards; the baseline's per-epoch test evaluation happens with
 paused (it stops after reaching the target: later epochs could not change its number).
 
 What is timed, for both: from just before the data is read from disk to the end of that
-epoch. Ours runs in this process through `hwr_dist.train.run_training`, the function
+epoch. Ours runs in this process through `hwr_dist.train.run.run_training`, the function
 `hwr train` calls (or, with --subprocess, as the real `hwr train` command, counted from the
 process launch, i.e. with interpreter start and `import torch` too); its clock includes
 reading and unpacking the IDX .gz files, building the model (and compiling it), every
@@ -22,7 +22,7 @@ images/s = training images processed up to that epoch / that clock (so set-up co
 
 Because the machine may be shared, each line also gives the process CPU time (all threads)
 to the same point, which other people's load disturbs far less than the wall clock: for ours
-it is read at the end of each epoch by wrapping `hwr_dist.train.end_of_epoch` (in-process
+it is read at the end of each epoch by the loop's epoch-end hook (in-process
 only), for the baseline by its own clock, both without the test evaluations. --threads sets
 torch's thread count for both (on a loaded 2-core machine 1 thread is much faster than 2:
 two OpenMP threads wait on each other whenever one is descheduled).
@@ -64,7 +64,7 @@ def score_epochs(run_dir: Path, data_name: str, data_root: str) -> dict[int, flo
     from hwr_dist.data import load_dataset
     from hwr_dist.data.loader import DeviceData
     from hwr_dist.evaluate import evaluate
-    from hwr_dist.inference import load_trained
+    from hwr_dist.checkpoint import load_trained
 
     bundle = load_dataset(data_name, data_root)
     scores = {}
@@ -87,24 +87,17 @@ def run_ours(config: Path, overrides: list[str], out_dir: Path, name: str, subpr
         if proc.returncode:
             raise SystemExit(f"hwr train failed:\n{(proc.stderr or '')[-3000:]}")
     else:
-        import hwr_dist.train as train_mod
-        from hwr_dist.config import load_config
+        from hwr_dist.recipes import load
+        from hwr_dist.train.run import run_training
+        from hwr_dist.train.setup import Hooks
 
-        original = train_mod.end_of_epoch
-
-        def timed_end_of_epoch(run, epoch):  # CPU clock at each epoch's end, validation included
-            improved = original(run, epoch)
+        def record_cpu(run, epoch):  # CPU clock at each epoch's end, validation and checkpoint included
             cpu_at[epoch + 1] = time.process_time() - cpu_started
-            return improved
 
-        cfg = load_config(config, overrides)
-        train_mod.end_of_epoch = timed_end_of_epoch
+        cfg = load(config, overrides)
         sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-        try:
-            with sink, (contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())):
-                train_mod.run_training(cfg, quiet=True)
-        finally:
-            train_mod.end_of_epoch = original
+        with sink, (contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())):
+            run_training(cfg, quiet=True, hooks=Hooks(epoch_end=[record_cpu]))
     run_dir = out_dir / name
     from hwr_dist.config import config_from_dict
 

@@ -19,7 +19,7 @@ import torch
 
 
 def epoch_seconds(run, steps: int | None = None) -> float:
-    from hwr_dist.train import train_step
+    from hwr_dist.train.loop import train_step
 
     windows = list(run.batches.batches(0))[:steps]
     started = time.perf_counter()
@@ -39,9 +39,9 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args()
 
-    from hwr_dist.config import load_config
-    from hwr_dist.finetune import build_feature_cache
-    from hwr_dist.train import setup
+    from hwr_dist.recipes import load as load_config
+    from hwr_dist.train.feature_cache import build_feature_cache
+    from hwr_dist.train.setup import setup
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, [

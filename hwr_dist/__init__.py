@@ -1,3 +1,3 @@
 """hwr-dist: distributed training for handwriting recognition."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,4 +1,5 @@
-"""What the main process shows: a rich progress bar, or plain log lines with --quiet."""
+"""What the main process shows: a progress bar on a terminal, plain log lines elsewhere (a file, a
+pipe, a job log), and with --quiet only the final summary line."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from rich.table import Table
 
 class Display:
     def __init__(self, enabled: bool, quiet: bool):
-        self.enabled = enabled
-        self.quiet = quiet or not sys.stderr.isatty()
+        self.enabled = enabled and not quiet  # quiet: nothing but `final`
+        self.main = enabled
+        self.bar = not quiet and sys.stderr.isatty()
         self.console = Console(stderr=True, soft_wrap=True)
         self.progress = None
 
     def start(self, total_steps: int, start_step: int) -> None:
-        if self.enabled and not self.quiet:
+        if self.enabled and self.bar:
             self.progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
@@ -46,6 +48,11 @@ class Display:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+    def final(self, text: str) -> None:
+        """The one line that --quiet keeps: how the job ended (stdout, main process)."""
+        if self.main:
+            print(text, flush=True)
 
     def table(self, title: str, rows: list[tuple[str, str]]) -> None:
         if not self.enabled:

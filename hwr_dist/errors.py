@@ -30,6 +30,12 @@ def exit_on_error(fn):
             if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line is enough
                 print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # the file system said no: name the file, and what to check
+            if os.environ.get("RANK", "0") == "0":
+                where = f"{e.filename}: " if e.filename else ""
+                print(f"error: {where}{e.strerror or e}; check that the path exists, is writable and the disk "
+                      "has space", file=sys.stderr, flush=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
             sys.exit(130)

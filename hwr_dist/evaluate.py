@@ -7,11 +7,14 @@ the matrices are summed across ranks.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from hwr_dist.files import atomic_write
 from hwr_dist.data.loader import DeviceData
 
 
@@ -89,46 +92,22 @@ def evaluate(model, data: DeviceData, num_classes: int, batch_size: int, acceler
     return EvalResult(confusion, float(loss_sum) / max(1, int(confusion.sum())), worst)
 
 
-def save_plots(result: EvalResult, data: DeviceData, classes: list[str], out_dir, prefix: str) -> list:
-    """Confusion-matrix heat map and a grid of the worst misclassified images, as PNG."""
-    import matplotlib
+def write_report(result: EvalResult, data: DeviceData, classes: list[str], out_dir: Path, split: str,
+                      display) -> dict:
+    """metrics.json, the PNG plots and the per-class table of one split's evaluation."""
+    from hwr_dist.display import per_class_table
+    from hwr_dist.plots import save_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(max(5, n * 0.45), max(4.5, n * 0.4)))
-    im = ax.imshow(result.confusion.numpy(), cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=90 if n > 12 else 0, fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 12:
-        for i in range(n):
-            for j in range(n):
-                v = int(result.confusion[i, j])
-                if v:
-                    ax.text(j, i, v, ha="center", va="center", fontsize=7,
-                            color="white" if v > result.confusion.max() / 2 else "black")
-    ax.set_title(f"{prefix} confusion matrix (accuracy {result.accuracy:.2%})")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    paths.append(out_dir / "confusion.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    if result.worst:
-        cols = 8
-        rows = -(-len(result.worst) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, (loss, i, y, p) in zip(axes.flat, result.worst):
-            ax.imshow(data.images[i].cpu().numpy(), cmap="gray")
-            ax.set_title(f"{classes[y]}→{classes[p]}", fontsize=8, color="crimson")
-        fig.suptitle(f"{prefix}: most confidently wrong (true→predicted)", fontsize=9)
-        fig.tight_layout()
-        paths.append(out_dir / "worst.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
+    summary = {"split": split, **result.summary(classes),
+               "worst": [{"index": i, "true": classes[y], "predicted": classes[p], "loss": loss}
+                         for loss, i, y, p in result.worst]}
+    out_dir = out_dir / f"eval_{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    atomic_write(path, json.dumps(summary, indent=1) + "\n")
+    plots = save_plots(result, data, classes, out_dir, split)
+    if display.enabled:
+        display.console.print(per_class_table(summary, f"{split}: accuracy {result.accuracy:.2%} "
+                                                       f"on {result.count} images"))
+        display.print(f"wrote {path} and {', '.join(str(p) for p in plots)}")
+    return summary

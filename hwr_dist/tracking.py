@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hwr_dist.errors import HwrError
+from hwr_dist.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -45,20 +46,23 @@ OFFLINE_SETTINGS = dict(x_disable_meta=True, x_disable_machine_info=True, consol
                         x_transaction_log_flush_interval=1.0)
 
 
+def _row(line: str) -> dict | None:
+    """A metrics line, or None for a blank line or one torn by a crash mid-write."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint's step: they will be logged again."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line, row in ((line, _row(line)) for line in path.read_text(errors="replace").splitlines())
+            if row is not None and row.get("step", 0) <= step]
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def new_run_id() -> str:
@@ -67,17 +71,30 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+WANDB_FIELDS = ("project", "entity", "group", "job_type", "tags", "notes", "mode")
+
+
+def wandb_enabled(wcfg) -> bool:
+    """tracking.wandb.enabled if given; else on when any W&B setting is given here or WANDB_MODE is set."""
+    if wcfg.enabled is not None:
+        return wcfg.enabled
+    return any(getattr(wcfg, f) is not None for f in WANDB_FIELDS) or wcfg.log_model \
+        or bool(os.environ.get("WANDB_MODE", "").strip())
+
+
 def wandb_mode(wcfg) -> str:
-    """online, offline or disabled: WANDB_MODE (and WANDB_DISABLED), if set, win over the config."""
-    if not wcfg.enabled:
+    """online, offline or disabled: the config's mode > WANDB_MODE (and WANDB_DISABLED) > online."""
+    if not wandb_enabled(wcfg):
         return "disabled"
+    if wcfg.mode is not None:
+        return wcfg.mode
     if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
         return "disabled"
     env = os.environ.get("WANDB_MODE", "").strip().lower()
     env = {"dryrun": "offline", "run": "online"}.get(env, env)
     if env and env not in ("online", "offline", "disabled"):
         raise HwrError(f"WANDB_MODE={os.environ['WANDB_MODE']}: expected online, offline or disabled")
-    return env or wcfg.mode
+    return env or "online"
 
 
 def in_sweep() -> bool:
@@ -87,7 +104,7 @@ def in_sweep() -> bool:
 
 def apply_sweep_name(cfg) -> None:
     """Under `wandb agent`, each trial gets its own run directory: out_dir/NAME-<W&B run id>."""
-    if cfg.tracking.wandb.enabled and in_sweep():
+    if wandb_enabled(cfg.tracking.wandb) and in_sweep():
         suffix = "-" + os.environ["WANDB_RUN_ID"]
         if not cfg.train.name.endswith(suffix):
             cfg.train.name += suffix
@@ -106,9 +123,18 @@ def _missing(key: str, package: str, extra: str, why: str = "") -> HwrError:
                     f"pip install 'hwr-dist[{extra}]', or set {key}=false")
 
 
+def check_config(cfg) -> None:
+    """The tracking section."""
+    from hwr_dist.config import check
+
+    check(cfg.tracking.wandb.mode in (None, "online", "offline", "disabled"), "tracking.wandb.mode",
+          "online, offline, disabled or null", cfg.tracking.wandb.mode)
+    check(cfg.tracking.wandb.log_every >= 0, "tracking.wandb.log_every", "an integer >= 0", cfg.tracking.wandb.log_every)
+
+
 def check_available(cfg) -> None:
     """Every rank, before any work: fail at once if an enabled backend is not installed."""
-    if cfg.tracking.wandb.enabled and wandb_mode(cfg.tracking.wandb) != "disabled" and not _installed("wandb"):
+    if wandb_mode(cfg.tracking.wandb) != "disabled" and not _installed("wandb"):
         raise _missing("tracking.wandb.enabled", "wandb", "wandb")
     if cfg.tracking.tensorboard and not _installed("tensorboard"):
         raise _missing("tracking.tensorboard", "tensorboard", "tensorboard")
@@ -156,7 +182,7 @@ class Tracker:
                                  "url": wb.url}
                 if display is not None:
                     display.print(wb.describe())
-        (self.run_dir / TRACKING_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        atomic_write(self.run_dir / TRACKING_FILE, json.dumps(info, indent=1) + "\n")
         return self.run_id
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -181,7 +207,7 @@ class Tracker:
         """The final summary: summary.json, and the W&B run summary."""
         if not self.enabled:
             return
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps({"run_id": self.run_id, **values}, indent=1) + "\n")
+        atomic_write(self.run_dir / SUMMARY_FILE, json.dumps({"run_id": self.run_id, **values}, indent=1) + "\n")
         for b in self.backends:
             b.summary(values)
 
@@ -193,10 +219,19 @@ class Tracker:
             b.log_model(Path(path), metadata)
 
     def finish(self, status: str = "completed") -> None:
-        """status: completed, preempted (W&B: mark_preempting, so the run shows as preempted) or failed."""
+        """status: completed, preempted (W&B: mark_preempting, so the run shows as preempted), diverged or
+        failed; also recorded in tracking.json (`hwr runs` reads it)."""
         backends, self.backends = self.backends, []
         for b in backends:
             b.finish(status)
+        info_path = self.run_dir / TRACKING_FILE
+        if self.enabled and info_path.is_file():
+            try:
+                info = json.loads(info_path.read_text())
+                info.update(status=status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                atomic_write(info_path, json.dumps(info, indent=1) + "\n")
+            except (OSError, ValueError):  # the status is a convenience; the run's files are what count
+                pass
 
 
 class _Wandb:
@@ -213,12 +248,14 @@ class _Wandb:
         known = getattr(wandb.Settings, "model_fields", {})
         settings = wandb.Settings(**{k: v for k, v in OFFLINE_SETTINGS.items() if k in known}
                                   if self.mode == "offline" else {})
+        # Only what the config sets is passed: the rest is W&B's (its environment variables, then its
+        # defaults). The run is named after the run directory unless WANDB_NAME says otherwise.
         kwargs: dict[str, Any] = dict(
-            config=config, name=cfg.train.name, group=w.group or None, job_type=w.job_type or None,
-            tags=list(w.tags) or None, notes=w.notes or None, mode=self.mode, settings=settings,
-            dir=os.environ.get("WANDB_DIR") or str(run_dir))
+            config=config, name=os.environ.get("WANDB_NAME") or cfg.train.name, mode=self.mode, settings=settings,
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
+            **{f: getattr(w, f) for f in ("group", "job_type", "tags", "notes") if getattr(w, f) is not None})
         if not in_sweep():  # under an agent, wandb takes project, entity and id from the sweep
-            kwargs.update(project=w.project or None, entity=w.entity or None, id=run_id)
+            kwargs.update(id=run_id, **{f: getattr(w, f) for f in ("project", "entity") if getattr(w, f) is not None})
         if resumed:
             kwargs["resume"] = "allow"
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,21 @@ def env(**extra: str) -> dict[str, str]:
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     e.update(extra)  # may override the defaults above (e.g. WANDB_MODE=offline)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wandb_env(root: Path, **extra: str) -> dict[str, str]:
+    """W&B offline, silent, nothing outside `root`; WANDB_DIR only when asked (default: the run dir)."""
+    e = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CACHE_DIR=str(root / "wb_cache"),
+             WANDB_CONFIG_DIR=str(root / "wb_config"), WANDB_DATA_DIR=str(root / "wb_data"),
+             WANDB__SERVICE_WAIT="60")
+    e.update(extra)
     return e
 
 
@@ -45,7 +61,7 @@ def wait_for(condition, timeout: float, poll: float = 0.05) -> None:
 # A quick recipe: small CNN, a few hundred steps, dropout and augmentation on so that
 # resuming must restore every random stream to match.
 TINY = [
-    "model.name=small_cnn", "model.width=8", "data.batch_size=32", "train.epochs=2", "train.log_every=10",
+    "model.name=small_cnn", "model.width=8", "model.dropout=0.3", "data.batch_size=32", "train.epochs=2", "train.log_every=10",
     "schedule.name=cosine", "optim.lr=0.003",
 ]
 

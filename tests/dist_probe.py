@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 
 from hwr_dist import train as loop
-from hwr_dist.config import load_config
+from hwr_dist.recipes import load as load_config
 
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--quiet"]
-    cfg = load_config(args[0], args[1:])
-    run = loop.setup(cfg, quiet=True)
+    cfg = load(args[0], args[1:])
+    run = setup(cfg)  # not quiet: the start-up line is checked
     calls = [0]
     if os.environ.get("HWR_PROBE_COMM_HOOK") == "1":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -32,9 +32,9 @@ def main() -> None:
             return allreduce_hook(state, bucket)
 
         run.model.register_comm_hook(state=None, hook=counting_hook)
-    loop.describe(run)
-    outcome = loop.train(run)
-    summary = loop.finish(run, outcome, 0.0)
+    describe(run)
+    outcome = train(run)
+    summary = finish(run, outcome, 0.0)
     out = Path(os.environ["HWR_PROBE_OUT"])
     out.mkdir(parents=True, exist_ok=True)
     torch.save({

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import ROOT, hwr, one_error_line
 
-from hwr_dist.config import load_config
+from hwr_dist.recipes import load as load_config
 from hwr_dist.errors import HwrError
 
 
@@ -41,7 +41,7 @@ def test_shipped_configs_load(name):
     ("data.augment=3", "data.augment: expected a section"),
     ("optim.lr", "bad override 'optim.lr'"),
     ("schedule.name=linear", "schedule.name: expected one of"),
-    ("train.mixed_precision=fp8", "train.mixed_precision: expected one of"),
+    ("train.mixed_precision=fp8", "train.mixed_precision: expected no, bf16, fp16 or null"),
 ])
 def test_bad_override(override, expected):
     with pytest.raises(HwrError) as e:
@@ -76,4 +76,4 @@ def test_config_show_round_trips():
     proc = hwr("config", "show", "configs/default.yaml", "optim.lr=0.02")
     assert proc.returncode == 0, proc.stderr
     shown = yaml.safe_load(proc.stdout)
-    assert shown["optim"]["lr"] == 0.02 and shown["model"]["name"] == "small_cnn"
+    assert shown["optim"]["lr"] == 0.02 and shown["model"]["name"] == "fast_cnn"

@@ -6,28 +6,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, TINY, env, hwr, run, wait_for
+
+from hwr_dist.train.launcher import accelerate_argv
+from conftest import BIN, ROOT, TINY, env, free_port, hwr, run, wait_for
 
 pytestmark = pytest.mark.slow
 PROBE = str(Path(__file__).parent / "dist_probe.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def accelerate_cmd(nproc: int, script: list[str]) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script]
+    return accelerate_argv(nproc, script, main_port=free_port())
 
 
 def probes(out: Path, world: int) -> list[dict]:
@@ -83,14 +77,14 @@ def resume_step(log: str) -> int:
     return int(resumed[0].split(" at step ")[1].split()[0])
 
 
-ELASTIC = ["train.max_steps=0", "train.epochs=2", "checkpoint.every_steps=10", "--quiet"]
+ELASTIC = ["train.max_steps=0", "train.epochs=2", "checkpoint.every_steps=10"]
 
 
 def test_accelerate_launch_two_processes(tmp_path):
     out = tmp_path / "probe"
-    proc = run(accelerate_cmd(2, [PROBE, *tiny(tmp_path, "acc")]), ACCELERATE_USE_CPU="1", HWR_PROBE_OUT=str(out))
+    proc = run(accelerate_cmd(2, [PROBE, *tiny(tmp_path, "acc")]), HWR_PROBE_OUT=str(out))  # no ACCELERATE_USE_CPU: not needed
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es), MULTI_CPU" in proc.stderr
+    assert "2 process(es), DDP over gloo" in proc.stderr
     ps = probes(out, 2)
     assert_identical_replicas(ps, 2)
     # Each rank trained on its own shard, yet the replicas agree: gradients were all-reduced.
@@ -182,7 +176,7 @@ def test_refuses_when_launcher_and_training_disagree(monkeypatch):
 
     from hwr_dist.config import Config
     from hwr_dist.errors import HwrError
-    from hwr_dist.train import make_accelerator
+    from hwr_dist.train.distributed import make_accelerator
 
     class Single:
         num_processes = 1

@@ -1,4 +1,5 @@
-"""`hwr export`: TorchScript, ONNX and state-dict round trips, the metadata contract, int8 quantisation."""
+"""`hwr export`: TorchScript, ONNX and state-dict round trips, the metadata contract, int8 quantisation;
+`hwr predict` and `hwr evaluate` on the exported files."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ import pytest
 import torch
 from conftest import hwr, one_error_line, run
 
-from hwr_dist.checkpoint import resolve_checkpoint
+from hwr_dist.checkpoint import load_trained, resolve_checkpoint
+from hwr_dist.commands.export import export_checkpoint
 from hwr_dist.data import load_dataset
+from hwr_dist.data.loader import normalise
 from hwr_dist.errors import HwrError
-from hwr_dist.export import accuracy, export_checkpoint, load_exported
-from hwr_dist.inference import load_trained
+from hwr_dist.export.contract import SUFFIX
+from hwr_dist.export.formats import load_exported
+from hwr_dist.export.measure import accuracy
+from hwr_dist.export.use import load_any
+
+HAVE_ONNX = bool(importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def test_split():
 
 def check_contract(meta: dict, trained, fmt: str) -> None:
     ckpt = torch.load(trained.path, map_location="cpu", weights_only=True)
-    assert meta["format"] == fmt and meta["model"] == "small_cnn"
+    assert meta["format"] == fmt and meta["model"] == "fast_cnn"
     assert meta["classes"] == [str(d) for d in range(10)] == trained.classes
     assert meta["input_size"] == [28, 28] and meta["color"] == "grayscale" and meta["ink"] == "white on black"
     assert (meta["mean"], meta["std"]) == pytest.approx(tuple(float(v) for v in ckpt["norm"]))
@@ -45,7 +52,7 @@ def check_contract(meta: dict, trained, fmt: str) -> None:
 
 def logits(trained, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return trained.model(images.unsqueeze(1).float().div(255).sub(trained.mean).div(trained.std))
+        return trained.model(normalise(images, trained.mean, trained.std))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -60,7 +67,7 @@ def test_torchscript_round_trip(run_dir, trained, test_split, tmp_path):
     check_contract(meta, trained, "torchscript")
     assert meta["quantization"] is None
     images = test_split.images[:7]  # not the batch size it was traced with
-    x = images.unsqueeze(1).float().div(255).sub(meta["mean"]).div(meta["std"])
+    x = images.unsqueeze(1).float().div(255).sub(meta["mean"]).div(meta["std"])  # the documented contract, spelled out
     with torch.no_grad():
         assert torch.allclose(module(x), logits(trained, images), atol=1e-5)
 
@@ -97,8 +104,7 @@ def test_state_dict_loads_with_weights_only(run_dir, trained, test_split, tmp_pa
     model.load_state_dict(obj["state_dict"])
     images = test_split.images[:16]
     with torch.no_grad():
-        assert torch.equal(model.eval()(images.unsqueeze(1).float().div(255).sub(trained.mean).div(trained.std)),
-                           logits(trained, images))
+        assert torch.equal(model.eval()(normalise(images, trained.mean, trained.std)), logits(trained, images))
 
 
 def test_int8_keeps_accuracy_and_shrinks_the_file(run_dir, trained, test_split, tmp_path):
@@ -120,7 +126,7 @@ def test_int8_keeps_accuracy_and_shrinks_the_file(run_dir, trained, test_split, 
     assert out.stat().st_size < 0.3 * float_bytes  # int8 weights: about a quarter
 
     fmts = [("state-dict", "int8.sd.pt")]
-    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):
+    if HAVE_ONNX:
         fmts.append(("onnx", "int8.onnx"))
     for fmt, name in fmts:
         lines = []
@@ -146,13 +152,14 @@ def test_ema_weights_are_exported(run_dir, trained, test_split, tmp_path):
     assert exported.meta["weights"] == "ema"
     halved = load_trained(tmp_path / "ema.pt")
     images = test_split.images[:5]
-    assert torch.allclose(exported.run(exported.normalise(images)), logits(halved, images), atol=1e-5)
+    assert torch.allclose(exported.run(normalise(images, exported.mean, exported.std)), logits(halved, images),
+                          atol=1e-5)
     assert not torch.allclose(logits(halved, images), logits(trained, images), atol=1e-3)
 
 
 def test_bad_inputs_are_one_line_errors(run_dir, tmp_path):
     proc = hwr("export", str(run_dir), "--format", "tflite")
-    assert proc.returncode == 2 and "unknown export format 'tflite'" in one_error_line(proc)
+    assert proc.returncode == 2 and "'tflite' is not one of" in one_error_line(proc)
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
     proc = hwr("export", str(tmp_path / "corrupt.pt"), "--format", "state-dict")
     assert proc.returncode == 2 and "corrupt" in one_error_line(proc)
@@ -166,3 +173,65 @@ def test_bad_inputs_are_one_line_errors(run_dir, tmp_path):
         export_checkpoint(run_dir, "torchscript", "int4")
     with pytest.raises(HwrError, match="not found"):
         export_checkpoint(tmp_path / "missing.pt")
+
+
+# --- what `hwr export` wrote, used by `hwr predict` and `hwr evaluate` ----------------------------
+
+
+@pytest.fixture(scope="module")
+def exports(run_dir, tmp_path_factory):
+    """The fixture's model as float TorchScript, int8 TorchScript, int8 state dict and float ONNX files."""
+    folder = tmp_path_factory.mktemp("exports")
+    wanted = [("torchscript", None), ("torchscript", "int8"), ("state-dict", "int8")] + [("onnx", None)] * HAVE_ONNX
+    return {(fmt, q): export_checkpoint(run_dir, fmt, q, folder / f"model-{q or 'float'}{SUFFIX[fmt]}",
+                                        report=False, echo=lambda line: None).path for fmt, q in wanted}
+
+
+def test_predict_takes_exported_files(run_dir, exports, test_split, tmp_path, capsys):
+    """The same predictions as the checkpoint: equal for float files, one difference at most for int8."""
+    from PIL import Image
+
+    from hwr_dist.commands.predict import predict_files
+
+    for i in range(40):  # every 25th test digit: all ten classes
+        Image.fromarray(test_split.images[25 * i].numpy()).save(tmp_path / f"{i:02d}.png")
+
+    def predictions(model) -> list[dict]:
+        assert predict_files(model, [tmp_path], 3, True, False) == 0
+        return json.loads(capsys.readouterr().out)
+
+    want = predictions(run_dir)
+    for (fmt, quantize), path in exports.items():
+        assert load_any(path).source == fmt
+        got = predictions(path)
+        assert [g["file"] for g in got] == [w["file"] for w in want]
+        same = sum(g["prediction"] == w["prediction"] for g, w in zip(got, want))
+        if quantize:
+            assert same >= len(want) - 1, (fmt, same)
+        else:
+            assert same == len(want), fmt
+            assert all(abs(g["probability"] - w["probability"]) <= 5e-4 for g, w in zip(got, want)), fmt
+    if HAVE_ONNX:
+        proc = hwr("predict", str(exports["onnx", None]), str(tmp_path / "00.png"), COLUMNS="200")
+        assert proc.returncode == 0 and f"00.png │ {want[0]['prediction']} " in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_evaluate_takes_exported_files(run_dir, exports, tmp_path):
+    """`hwr evaluate FILE`: the checkpoint's confusion matrix for float files, its accuracy within
+    0.5 points for int8; --split val where the file carries the run's config, a clear error where not."""
+    want = json.loads((run_dir / "eval_test" / "metrics.json").read_text())  # the checkpoint's, from training
+    for (fmt, quantize), path in exports.items():
+        out = None if fmt == "torchscript" and not quantize else tmp_path / f"{fmt}-{quantize}"
+        proc = hwr("evaluate", str(path), *(["--out", str(out)] if out else []))
+        assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr  # int8 TorchScript: none
+        report = out or path.with_name(f"{path.name}-report")  # default: beside the file, one folder per file
+        got = json.loads((report / "eval_test" / "metrics.json").read_text())
+        assert got["count"] == want["count"] == 1000
+        if quantize:
+            assert abs(got["accuracy"] - want["accuracy"]) <= 0.005, (fmt, got["accuracy"], want["accuracy"])
+        else:
+            assert got["confusion"] == want["confusion"], fmt
+    proc = hwr("evaluate", str(exports["state-dict", "int8"]), "--split", "val", "--out", str(tmp_path))
+    assert proc.returncode == 0 and json.loads((tmp_path / "eval_val" / "metrics.json").read_text())["count"] == 400
+    proc = hwr("evaluate", str(exports["torchscript", None]), "--split", "val")
+    assert proc.returncode == 2 and "--split val needs the run's data.val_fraction" in one_error_line(proc)

@@ -8,18 +8,36 @@ import pytest
 import torch
 
 from hwr_dist.config import Config
-from hwr_dist.models import MODELS, build_model
-from hwr_dist.optim import EMA, build_optimizer, get_lr, set_lr
+from hwr_dist.errors import HwrError
+from hwr_dist.models import MODELS, FineTunable, build_model, load_model_state
+from hwr_dist.train.optim import EMA, build_optimizer, get_lr, set_lr
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "lenet5", "cnn_bn"])
-@pytest.mark.parametrize("classes", [10, 26, 47])
-def test_models_follow_the_class_count(name, classes):
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("classes", [10, 47])
+def test_every_model_follows_the_class_count_and_trains(name, classes):
     cfg = Config().model
     cfg.name = name
+    torch.manual_seed(0)
     model = build_model(cfg, classes)
-    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, classes)
-    assert name in MODELS
+    x = torch.randn(4, 1, 28, 28)
+    logits = model(x)
+    assert logits.shape == (4, classes) and torch.isfinite(logits).all()
+    logits.logsumexp(1).sum().backward()  # every trainable parameter takes part in the output
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    twin = build_model(cfg, classes)  # a checkpoint's weights load into a fresh build of the same config
+    load_model_state(twin, model.state_dict(), "test")
+    model.eval(), twin.eval()
+    torch.testing.assert_close(twin(x), model(x))
+    assert isinstance(model, FineTunable) == (name == "vgg")  # the loop's optional hooks, by type
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_checkpoint_of_another_class_count_is_refused(name):
+    cfg = Config().model
+    cfg.name = name
+    with pytest.raises(HwrError, match="does not fit this model.*shape of"):
+        load_model_state(build_model(cfg, 10), build_model(cfg, 26).state_dict(), "ckpt.pt")
 
 
 def test_small_cnn_is_the_classic_tutorial_net():

@@ -23,7 +23,7 @@ import torch
 from conftest import BIN, ROOT, TINY, hwr, one_error_line, train_module
 from slurm_fixture import SlurmClusterError, slurm_cluster  # noqa: F401  (fixture)
 
-SCRIPT = ROOT / "slurm" / "train.sh"
+SCRIPT = (ROOT / "slurm" / "train.sh").resolve()  # the packaged job script, linked from slurm/
 ARGS = ["configs/default.yaml", *TINY, "train.epochs=1", "train.log_every=5", "checkpoint.every_steps=10"]
 TOTAL = 57
 JOB_ENV = {"HWR_VENV": str(BIN.parent), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
@@ -122,10 +122,11 @@ def test_stop_request_on_the_last_step_finishes_the_run(tmp_path):
     run_dir = tmp_path / "runs" / "last"
     run_dir.mkdir(parents=True)
     (run_dir / "STOP").touch()
-    proc = train_module(*ARGS, f"train.out_dir={tmp_path / 'runs'}", "train.name=last", "train.max_steps=5")
+    # A stop is honoured at the first step boundary: with one step, that boundary is the last step.
+    proc = train_module(*ARGS, f"train.out_dir={tmp_path / 'runs'}", "train.name=last", "train.max_steps=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (run_dir / "preempted.json").exists() and (run_dir / "eval_test" / "metrics.json").is_file()
-    assert params(run_dir)["state"]["step"] == 5
+    assert params(run_dir)["state"]["step"] == 1
 
 
 # --- on the cluster -------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def reference(slurm_cluster, tmp_path_factory):
 def test_one_node_two_processes(reference):
     text, run_dir = reference.text(), reference.run_dir
     assert "world size 2: 1 node(s) x 2 process(es), CPU" in text, text
-    assert "2 process(es), MULTI_CPU" in text, text  # the training's own view: DDP over 2 ranks
+    assert "2 process(es), DDP over gloo" in text, text  # the training's own view: DDP over 2 ranks
     for f in ("checkpoints/last.pt", "metrics.jsonl", "eval_test/metrics.json"):
         assert (run_dir / f).is_file(), f
     assert not (run_dir / "STOP").exists() and not (run_dir / "preempted.json").exists()
@@ -197,7 +198,7 @@ def test_two_nodes_term_preemption_via_hwr_slurm_submit(slurm_cluster, tmp_path,
     info = job.info()
     assert (info["Restarts"], info["ExitCode"], info["NodeList"]) == ("1", "0:0", "n[1-2]"), info
     text = job.text()
-    assert text.count("world size 2: 2 node(s) x 1 process(es)") == 2 and "2 process(es), MULTI_CPU" in text, text
+    assert text.count("world size 2: 2 node(s) x 1 process(es)") == 2 and "2 process(es), DDP over gloo" in text, text
     assert f"resumed from {job.run_dir}/checkpoints/last.pt at step {stopped['step']} " in text, text
     evidence(f"job {job.id} (2 nodes) after TERM", queue_records(job) + "\n" + resume_lines(job))
     assert_same_result(job.run_dir, reference.run_dir)  # same world size: same bits as 1 node x 2

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import ROOT, train_module
 
-from hwr_dist.config import load_config
+from hwr_dist.recipes import load as load_config
 from hwr_dist.data.loader import ShardedBatches
-from hwr_dist.optim import build_optimizer
+from hwr_dist.train.optim import build_optimizer
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -50,7 +50,7 @@ def test_compiled_model_trains_and_its_checkpoint_loads(tmp_path):
         pytest.skip("torch.compile on CPU needs a C++ compiler (none on PATH)")
     summary = trained(tmp_path, "model.compile=true", "model.channels_last=true")
     assert summary["test_accuracy"] > 0.6
-    from hwr_dist.inference import load_trained
+    from hwr_dist.checkpoint import load_trained
 
     ckpt = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
@@ -58,11 +58,10 @@ def test_compiled_model_trains_and_its_checkpoint_loads(tmp_path):
 
 
 def test_unwrapped_strips_compile_and_wrappers():
-    from hwr_dist.train import unwrapped
+    from hwr_dist.train.distributed import unwrapped
 
     net = torch.nn.Linear(2, 2)
-    run = SimpleNamespace(acc=SimpleNamespace(unwrap_model=lambda m: m), model=torch.compile(net))
-    assert unwrapped(run) is net  # state_dict keys without the `_orig_mod.` prefix
+    assert unwrapped(SimpleNamespace(unwrap_model=lambda m: m), torch.compile(net)) is net  # state_dict keys without the `_orig_mod.` prefix
 
 
 SYNCING = ["item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy", "nonzero"]
@@ -73,7 +72,8 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
     log points: none in the step, the batch gather, augmentation (all kinds on) or grad clipping."""
     from accelerate.state import AcceleratorState
 
-    from hwr_dist.train import setup, train_step
+    from hwr_dist.train.loop import train_step
+    from hwr_dist.train.setup import setup
 
     AcceleratorState._reset_state(True)
     cfg = load_config(ROOT / "configs" / "default.yaml", [

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,29 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ROOT, TINY, env, hwr, one_error_line, run, train_module, wait_for
+from conftest import BIN, ROOT, TINY, env, free_port, hwr, one_error_line, run, train_module, wait_for, wandb_env
 
 pytest.importorskip("wandb")
 
 from wandb_runfile import find_offline_runs, read_run  # noqa: E402
 
-from hwr_dist.config import load_config  # noqa: E402
+from hwr_dist.recipes import load as load_config  # noqa: E402
 from hwr_dist.errors import HwrError  # noqa: E402
-
-
-def wandb_env(root: Path, **extra: str) -> dict[str, str]:
-    """Offline, silent, nothing outside `root`; WANDB_DIR only when asked (default: the run dir)."""
-    e = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CACHE_DIR=str(root / "wb_cache"),
-             WANDB_CONFIG_DIR=str(root / "wb_config"), WANDB_DATA_DIR=str(root / "wb_data"),
-             WANDB__SERVICE_WAIT="60")
-    e.update(extra)
-    return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_torch(path: Path) -> dict:
@@ -66,11 +50,14 @@ def dist_run(tmp_path_factory):
     overrides = [*TINY, "data.batch_size=64", f"train.out_dir={tmp / 'runs'}", "train.name=dist",
                  "tracking.wandb.enabled=true", "tracking.wandb.log_model=true", "tracking.wandb.tags=[test, ddp]",
                  "tracking.wandb.group=g1", "tracking.tensorboard=true"]
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "hwr_dist.train", "configs/default.yaml", *overrides, "--quiet"]
+    from hwr_dist.train.launcher import TRAIN_MODULE, accelerate_argv
+
+    cmd = accelerate_argv(2, [*TRAIN_MODULE, "configs/default.yaml", *overrides, "--quiet"], main_port=free_port())
     started = time.perf_counter()
-    proc = run(cmd, timeout=300, ACCELERATE_USE_CPU="1", **wandb_env(tmp, WANDB_DIR=str(tmp / "wandb_dir")))
+    # W&B's own variables fill what the config leaves unset; what the config sets (group, tags) wins.
+    proc = run(cmd, timeout=300, ACCELERATE_USE_CPU="1", **wandb_env(
+        tmp, WANDB_DIR=str(tmp / "wandb_dir"), WANDB_PROJECT="envproj", WANDB_JOB_TYPE="envjob",
+        WANDB_RUN_GROUP="envgroup", WANDB_NAME="envname"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "runs" / "dist", tmp / "wandb_dir", proc, time.perf_counter() - started
 
@@ -86,7 +73,9 @@ def test_two_processes_make_one_offline_run(dist_run):
     ckpt = read_torch(run_dir / "checkpoints" / "last.pt")
     assert wb.run_id == tracking["run_id"] == ckpt["state"]["tracker_run_id"] != ""
     assert dirs[0].name.endswith("-" + wb.run_id)
-    assert wb.project == "hwr-dist" and wb.resume is False and wb.exit_code == 0
+    assert wb.project == "envproj" and wb.job_type == "envjob" and wb.display_name == "envname"
+    assert wb.group == "g1" and wb.tags == ["test", "ddp"]
+    assert wb.resume is False and wb.exit_code == 0
 
     # the resolved config, with the system facts
     assert wb.config["optim"]["lr"] == 0.003 and wb.config["model"]["width"] == 8
@@ -191,7 +180,7 @@ def test_killed_job_resumes_into_the_same_run(tmp_path):
 
 NO_WANDB = """
 import sys
-import hwr_dist.cli, hwr_dist.train, hwr_dist.tracking, hwr_dist.run_report
+import hwr_dist.cli, hwr_dist.train.run, hwr_dist.tracking, hwr_dist.commands.report
 assert "wandb" not in sys.modules and "tensorboard" not in sys.modules, "imported without being asked for"
 sys.modules["wandb"] = None  # as if not installed
 sys.argv = ["hwr", *sys.argv[1:]]
@@ -229,17 +218,24 @@ def test_tensorboard_not_installed(monkeypatch, tmp_path):
 def test_mode_precedence_and_log_interval(monkeypatch):
     from hwr_dist import tracking
 
-    w = load_config(None, ["tracking.wandb.enabled=true", "tracking.wandb.mode=offline"]).tracking.wandb
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_DISABLED", raising=False)
+    assert not tracking.wandb_enabled(load_config(None, []).tracking.wandb)  # nothing asked: off
+    for given in ("tracking.wandb.mode=offline", "tracking.wandb.project=p", "tracking.wandb.tags=[a]"):
+        assert tracking.wandb_enabled(load_config(None, [given]).tracking.wandb), given  # any setting: on
+    w = load_config(None, ["tracking.wandb.mode=offline"]).tracking.wandb
     assert tracking.wandb_mode(w) == "offline"
     monkeypatch.setenv("WANDB_MODE", "online")
-    assert tracking.wandb_mode(w) == "online"  # the environment wins (cluster-wide setting)
+    assert tracking.wandb_mode(w) == "offline"  # what the user wrote wins over W&B's environment
+    w.mode = None
+    assert tracking.wandb_mode(w) == "online"  # unset: W&B's own setting
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.wandb_mode(load_config(None, []).tracking.wandb) == "offline"  # WANDB_MODE alone: on
     monkeypatch.setenv("WANDB_MODE", "bogus")
     with pytest.raises(HwrError, match="WANDB_MODE=bogus"):
         tracking.wandb_mode(w)
     w.enabled = False
-    assert tracking.wandb_mode(w) == "disabled"
+    assert tracking.wandb_mode(w) == "disabled"  # an explicit false wins over everything
 
     class FakeRun:
         def __init__(self):

@@ -25,7 +25,7 @@ def test_default_config_reaches_97_percent(default_run):
               "eval_test/confusion.png", "eval_test/worst.png"):
         assert (run_dir / f).is_file(), f
     ckpt = read_params(run_dir / "checkpoints" / "last.pt")
-    assert ckpt["config"]["model"]["name"] == "small_cnn" and ckpt["classes"] == [str(d) for d in range(10)]
+    assert ckpt["config"]["model"]["name"] == "fast_cnn" and ckpt["classes"] == [str(d) for d in range(10)]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val_accuracy" in x for x in lines) and any("test_accuracy" in x for x in lines)
     assert "test accuracy" in proc.stdout
@@ -119,17 +119,18 @@ def test_bad_checkpoints(tiny, tmp_path):
 
 
 def test_atomic_save_survives_a_crash_midway(tmp_path, monkeypatch):
-    from hwr_dist import checkpoint
+    from hwr_dist.files import atomic_write
 
     path = tmp_path / "last.pt"
-    checkpoint.atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, path)
+    atomic_write(path, {"w": torch.ones(3)})
 
     def broken_save(obj, f):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        checkpoint.atomic_save({"model": {"w": torch.zeros(3)}, "config": {}}, path)
-    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))
+        atomic_write(path, {"w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind

@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import hwr, one_error_line, train_module
 
-from hwr_dist.config import load_config
+from hwr_dist.recipes import load as load_config
 from hwr_dist.data import load_dataset
 from hwr_dist.errors import HwrError
-from hwr_dist.models.vgg import IMAGENET_MEAN, IMAGENET_STD, VGG, build_vgg, load_into
+from hwr_dist.models.pretrained import build_vgg, load_into
+from hwr_dist.models.vgg import IMAGENET_MEAN, IMAGENET_STD, VGG
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -32,12 +33,13 @@ def _write_idx(path, t: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_mnist(tmp_path_factory):
-    """120 training and 30 test digits from the built-in sample, as an `mnist` root."""
+    """120 training and 30 test digits (every class) from the built-in sample, as an `mnist` root."""
     root = tmp_path_factory.mktemp("tiny_mnist")
     sample = load_dataset("mnist-sample", "data")
     for name, split, n in (("train", sample.train, 120), ("t10k", sample.test, 30)):
-        _write_idx(root / f"{name}-images-idx3-ubyte.gz", split.images[:n])
-        _write_idx(root / f"{name}-labels-idx1-ubyte.gz", split.labels[:n].to(torch.uint8))
+        pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n]  # the files are sorted by class
+        _write_idx(root / f"{name}-images-idx3-ubyte.gz", split.images[pick])
+        _write_idx(root / f"{name}-labels-idx1-ubyte.gz", split.labels[pick].to(torch.uint8))
     return root
 
 
@@ -183,7 +185,7 @@ def test_tool_checkpoint_as_weights_other_head_is_replaced(frozen_run, tmp_path)
 
 
 def _train_in_process(overrides: list[str]) -> dict:
-    from hwr_dist.train import run_training
+    from hwr_dist.train.run import run_training
 
     return run_training(load_config(None, overrides), quiet=True)
 
@@ -204,7 +206,7 @@ def test_cache_and_no_cache_give_the_same_head(tiny_mnist, tmp_path):
 
 def test_cache_key_changes_with_weights_input_size_and_data():
     from hwr_dist.data.loader import DeviceData
-    from hwr_dist.finetune import cache_key
+    from hwr_dist.train.feature_cache import cache_key
 
     torch.manual_seed(6)
     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
@@ -296,7 +298,7 @@ def test_mismatched_keys_are_listed(tmp_path):
 
 
 def test_finetune_report_compares_three_policies(tiny_mnist, tmp_path):
-    from hwr_dist.finetune_report import finetune_report
+    from hwr_dist.commands.compare_finetuning import compare_finetuning as finetune_report
 
     weights = tmp_path / "w.pt"
     torch.save(tv_state("vgg11"), weights)
@@ -306,4 +308,8 @@ def test_finetune_report_compares_three_policies(tiny_mnist, tmp_path):
     assert list(report["runs"]) == ["head", "full", "scratch"]
     saved = json.loads((tmp_path / "runs" / "rep-finetune-report.json").read_text())
     assert saved["runs"]["head"]["trainable_parameters"] < saved["runs"]["full"]["trainable_parameters"]
-    assert all(0 <= r["test_accuracy_after"] <= 1 for r in saved["runs"].values())
+    assert saved == json.loads(json.dumps(report))  # the file holds what was returned
+    assert [r["steps"] for r in saved["runs"].values()] == [1, 1, 1]  # same budget for every policy
+    # head and full start from the same weights and the same new head; scratch from random weights
+    assert saved["runs"]["head"]["test_accuracy_before"] == saved["runs"]["full"]["test_accuracy_before"]
+    assert saved["runs"]["scratch"]["weights"] == "none" and saved["runs"]["full"]["weights"] == str(weights)

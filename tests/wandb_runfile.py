@@ -135,6 +135,10 @@ class RunData:
     run_id: str | None = None
     project: str | None = None
     entity: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    display_name: str | None = None
+    tags: list[str] = field(default_factory=list)
     # RunRecord.resumed: set only when the *server* confirmed a resume, so it is
     # always False for offline runs (wandb 0.31).
     resumed: bool | None = None
@@ -213,6 +217,10 @@ def read_run(path: str | Path, *, strict: bool = True) -> RunData:
             data.run_id = r.run_id or data.run_id
             data.project = r.project or data.project
             data.entity = r.entity or data.entity
+            data.group = r.run_group or data.group
+            data.job_type = r.job_type or data.job_type
+            data.display_name = r.display_name or data.display_name
+            data.tags = list(r.tags) or data.tags
             data.resumed = bool(r.resumed)
             data.resume = bool(getattr(r, "resume", False))
             if r.starting_step:

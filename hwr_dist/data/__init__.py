@@ -209,6 +209,25 @@ DATASETS: dict[str, Source] = {
 }
 
 
+def check_config(cfg) -> None:
+    """The data section: the registry's names and each value's range (config.py knows no registry)."""
+    from hwr_dist.config import check, one_of
+
+    d, a = cfg.data, cfg.data.augment
+    one_of("data.name", d.name, DATASETS)
+    check(0 <= d.val_fraction < 1, "data.val_fraction", "a number in [0, 1)", d.val_fraction)
+    check(d.limit_per_class is None or (type(d.limit_per_class) is int and d.limit_per_class > 0),
+          "data.limit_per_class", "a positive integer (training images per class) or null (all of them)",
+          d.limit_per_class)
+    check(d.batch_size > 0, "data.batch_size", "a positive integer", d.batch_size)
+    check(d.eval_batch_size > 0, "data.eval_batch_size", "a positive integer", d.eval_batch_size)
+    for key, most in (("rotation", 180), ("scale", 1), ("translate", 1), ("shear", 60), ("elastic_alpha", 64)):
+        check(0 <= getattr(a, key) <= most, f"data.augment.{key}", f"a number in [0, {most}]", getattr(a, key))
+    check(0 < a.elastic_sigma <= 64, "data.augment.elastic_sigma", "a number in (0, 64]", a.elastic_sigma)
+    check(0 <= a.erasing <= 1, "data.augment.erasing", "a probability in [0, 1]", a.erasing)
+    check(a.scale < 1, "data.augment.scale", "a number below 1", a.scale)
+
+
 def load_dataset(name: str, root: str | Path, download: bool = False) -> Bundle:
     if name not in DATASETS:
         raise HwrError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
@@ -228,3 +247,26 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
     mask = torch.zeros(len(split), dtype=torch.bool)
     mask[torch.cat(held)] = True
     return split.subset(~mask), split.subset(mask)
+
+
+def limit_per_class(split: Split, k: int | None, seed: int, classes: list[str]) -> Split:
+    """K images of every class, drawn seeded; None keeps all. For one seed, a smaller K takes the
+    first images of a larger one's, so K = 5 is a subset of K = 10."""
+    if k is None:
+        return split
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(split.labels, minlength=len(classes))
+    if counts.min() < k:
+        c = int(counts.argmin())
+        raise HwrError(f"data.limit_per_class={k} but class '{classes[c]}' has only {int(counts[c])} training "
+                       f"images; use {int(counts[c])} or fewer, or null for all of them")
+    keep = [(split.labels == c).nonzero().squeeze(1) for c in range(len(classes))]
+    keep = [idx[torch.randperm(len(idx), generator=g)[:k]] for idx in keep]
+    return split.subset(torch.cat(keep).sort().values)
+
+
+def training_splits(bundle: Bundle, data_cfg, seed: int) -> tuple[Split, Split]:
+    """(train, val) as a run uses them: data.limit_per_class images of each class (all if null), of
+    which data.val_fraction are held out, per class, for validation."""
+    train = limit_per_class(bundle.train, data_cfg.limit_per_class, seed, bundle.classes)
+    return stratified_split(train, data_cfg.val_fraction, seed)

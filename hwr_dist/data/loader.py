@@ -72,10 +72,21 @@ class DeviceData:
     def batch(self, idx: torch.Tensor, g: torch.Generator | None = None, aug=None):
         """(normalised float images [B, 1, H, W], labels) for the given indices."""
         idx = idx.to(self.images.device, non_blocking=True)
-        x = self.images[idx].unsqueeze(1).float().div_(255)
+        x = to_unit(self.images[idx])
         if aug is not None and aug.enabled:
             x = augment(x, g, aug)
         return x.sub_(self.mean).div_(self.std), self.labels[idx]
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W] -> float [N, 1, H, W] in [0, 1]."""
+    return images.unsqueeze(1).float().div_(255)
+
+
+def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """The preprocessing contract's last step, the same in training, evaluation, export and serving:
+    uint8 [N, H, W] -> float32 (p / 255 - mean) / std, [N, 1, H, W]."""
+    return to_unit(images).sub_(mean).div_(std)
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:

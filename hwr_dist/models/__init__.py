@@ -1,16 +1,40 @@
 """Model registry: name -> builder(model config, number of classes) -> nn.Module.
 
 Every model takes normalised images [B, 1, 28, 28] and returns logits [B, classes].
+Models that fine-tune (VGG; a small CNN whose config sets model.weights, model.freeze or
+model.backbone_lr_scale) offer the loop a few optional hooks, typed by `FineTunable`;
+the loop asks `isinstance(model, FineTunable)` and never looks for attributes by name.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 from torch import nn
 
+from hwr_dist.errors import HwrError
 from hwr_dist.models.cnn import build_cnn_bn, build_fast_cnn, build_lenet5, build_small_cnn
-from hwr_dist.models.vgg import build_vgg
+from hwr_dist.models.pretrained import build_vgg, check_cnn_weights, check_vgg_config, check_weights, load_cnn_weights
+from hwr_dist.models.state import load_model_state, mismatch  # noqa: F401  (the package's face)
+
+
+@runtime_checkable
+class FineTunable(Protocol):
+    weights_note: str
+    """What loading the starting weights did, for the run's log ('' if nothing)."""
+
+    def set_input_norm(self, mean: float, std: float) -> None:
+        """The data's normalisation, folded into the first layer's weights."""
+
+    def on_epoch_start(self, epoch: int) -> bool:
+        """Gradual unfreezing; True when the trainable parameters changed (DDP is then rebuilt)."""
+
+    def frozen_at(self, epoch: int) -> bool:
+        """Whether the whole backbone is frozen during `epoch` (cached features then hold)."""
+
+    def param_groups(self) -> list[tuple[str, float, list]]:
+        """(name, learning-rate scale, named parameters) per group, frozen ones included."""
+
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": build_small_cnn,
@@ -22,9 +46,41 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(cfg, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """pretrained=False skips loading model.weights (the caller loads a checkpoint over it)."""
-    if not pretrained and getattr(cfg, "weights", "none") != "none":
-        import dataclasses
+    """pretrained=False skips loading model.weights (the caller loads a checkpoint over it); the
+    network and its hooks are the same either way, so a resumed run gets the optimizer it saved."""
+    if cfg.name == "vgg":
+        return build_vgg(cfg, num_classes, pretrained)
+    model = MODELS[cfg.name](cfg, num_classes)
+    if pretrained and cfg.weights != "none":
+        load_cnn_weights(model, cfg.weights)
+    return model
 
-        cfg = dataclasses.replace(cfg, weights="none")
-    return MODELS[cfg.name](cfg, num_classes)
+
+def check_config(cfg) -> None:
+    """The model section: the registry's names and each value's range (config.py knows no registry)."""
+    from hwr_dist.config import check, one_of
+
+    m = cfg.model
+    one_of("model.name", m.name, MODELS)
+    check(0 <= m.dropout < 1, "model.dropout", "a number in [0, 1)", m.dropout)
+    # Wider nets than this have more weights than memory holds (cnn_bn doubles the width per stage).
+    check(0 < m.width <= 1024, "model.width", "an integer in 1..1024", m.width)
+    one_of("model.freeze", m.freeze, {"none", "features"})
+    check(m.unfreeze_after_epochs >= 0, "model.unfreeze_after_epochs", "an integer >= 0", m.unfreeze_after_epochs)
+    check(m.backbone_lr_scale > 0, "model.backbone_lr_scale", "a number > 0", m.backbone_lr_scale)
+    if m.name == "vgg":
+        check_vgg_config(cfg)
+        return
+    check_cnn_weights(m)
+    if m.trainable_blocks:
+        raise HwrError(f"model.trainable_blocks counts VGG's conv blocks; model.name={m.name} freezes its whole "
+                       "backbone with model.freeze=features")
+    if m.freeze == "none" and m.unfreeze_after_epochs:
+        raise HwrError("model.unfreeze_after_epochs needs model.freeze=features")
+    if m.name == "fast_cnn":
+        one_of("model.head", m.head, {"linear", "mlp"})
+
+
+def preflight(model_cfg) -> None:
+    """Fail before any data is loaded when the model's starting weights cannot be had."""
+    check_weights(model_cfg)

@@ -18,15 +18,10 @@
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
-from urllib.parse import urlparse
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwr_dist.checkpoint import mismatch
 from hwr_dist.errors import HwrError
 
 # torchvision's layer plans (vgg.cfgs): numbers are conv widths, "M" a 2x2 max-pool.
@@ -38,9 +33,6 @@ _PLANS = {
               512, 512, 512, 512, "M"],
 }
 VARIANTS = sorted([*_PLANS, *(f"{v}_bn" for v in _PLANS)])
-# torchvision weight names per variant (checked again against torchvision when loading)
-TORCHVISION_WEIGHTS = {v: {"IMAGENET1K_V1", "DEFAULT"} | ({"IMAGENET1K_FEATURES"} if v == "vgg16" else set())
-                       for v in VARIANTS}
 HEADS = ("linear", "mlp", "vgg")
 BLOCKS = 5
 MIN_INPUT = 32
@@ -48,10 +40,6 @@ FEATURES = 512
 MLP_HIDDEN = 512
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def looks_like_path(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or weights.endswith((".pt", ".pth", ".bin")) or Path(weights).exists()
 
 
 class GrayConv(nn.Module):
@@ -247,136 +235,3 @@ class VGG(nn.Module):
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
-
-
-# --- weights ---------------------------------------------------------------------------
-
-
-def _torchvision_weights(variant: str, name: str):
-    import torchvision.models as tvm
-
-    enum = tvm.get_model_weights(variant)
-    try:
-        return enum[name]
-    except KeyError:
-        names = ", ".join(w.name for w in enum)
-        raise HwrError(f"model.weights: {variant} has no torchvision weights '{name}'; "
-                       f"use none, one of {names}, or a checkpoint path") from None
-
-
-def _hub_file(variant: str, name: str):
-    """(weights enum entry, where torch hub keeps its file, the one-line 'put it there' advice)."""
-    w = _torchvision_weights(variant, name)
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    filename = Path(urlparse(w.url).path).name
-    advice = f"{variant} weights {name} are not in the torch hub cache; put {filename} (from {w.url}) in {folder}"
-    return w, folder / filename, advice
-
-
-def _require_connection(url: str, advice: str) -> None:
-    host = urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError:
-        raise HwrError(f"{advice} (offline: no connection to {host})") from None
-
-
-def check_weights(cfg) -> None:
-    """Fail fast, before data loading, when model.weights cannot be had."""
-    if cfg.weights == "none":
-        return
-    if looks_like_path(cfg.weights):
-        if not Path(cfg.weights).is_file():
-            load_weight_file(Path(cfg.weights))  # raises the not-found error
-        return
-    w, path, advice = _hub_file(cfg.variant, cfg.weights)
-    if not path.is_file():
-        _require_connection(w.url, advice)
-
-
-def load_torchvision_state(variant: str, name: str) -> tuple[dict[str, torch.Tensor], tuple, tuple]:
-    """(state dict, RGB mean, RGB std): from the torch hub cache, else downloaded."""
-    w, path, advice = _hub_file(variant, name)
-    preset = w.transforms()
-    mean, std = tuple(preset.mean), tuple(preset.std)
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), mean, std
-        except Exception as e:
-            raise HwrError(f"{path} is not a readable torchvision checkpoint ({type(e).__name__}); "
-                           f"delete it and put a fresh copy of {w.url} there") from None
-    _require_connection(w.url, advice)
-    try:
-        state = torch.hub.load_state_dict_from_url(w.url, model_dir=str(path.parent), map_location="cpu",
-                                                   check_hash=True, weights_only=True)
-    except Exception as e:
-        raise HwrError(f"{advice} (download failed: {type(e).__name__}: {str(e)[:120]})") from None
-    return state, mean, std
-
-
-def load_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """A checkpoint of this tool (its EMA weights if kept, else 'model') or a plain state dict."""
-    if not path.is_file():
-        raise HwrError(f"model.weights: {path} not found; use none, a torchvision weights name "
-                       "such as IMAGENET1K_V1, or the path of a checkpoint / state dict")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HwrError(f"model.weights: {path} cannot be read as a state dict ({first[:120]})") from None
-    if isinstance(obj, dict) and "model" in obj and "config" in obj:
-        return obj.get("ema") or obj["model"], "checkpoint"
-    tensors = isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())
-    if tensors and all(isinstance(k, str) for k in obj):
-        return obj, "state dict"
-    raise HwrError(f"model.weights: {path} is neither an hwr-dist checkpoint nor a state dict of tensors")
-
-
-def load_into(model: VGG, state: dict[str, torch.Tensor], where: str, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> str:
-    """Backbone must fit exactly (RGB first convs are folded); the head loads if it fits, else
-    stays new. Returns a one-line note of what happened."""
-    state = dict(state)
-    w0 = state.get("features.0.weight")
-    if w0 is not None and w0.ndim == 4 and w0.shape[1] == 3 and "features.0.bias" in state:
-        gray = GrayConv.fold(w0.float(), state["features.0.bias"].float(), mean, std)
-        state["features.0.weight"], state["features.0.offset"] = gray.weight.data, gray.offset.data
-    for k in [k for k in state if k.startswith("classifier.")]:  # torchvision layout
-        state["head." + k] = state.pop(k)
-    own = model.state_dict()
-    keep = {"features.0.data_mean", "features.0.data_std"}  # set from the current data, not the source
-    backbone = [k for k in own if not k.startswith("head.") and k not in keep]
-    extra = [k for k in state if not k.startswith("head.") and k not in own and k not in keep
-             and not k.startswith(("avgpool.",))]
-    problem = mismatch(own, state, backbone, extra)
-    if problem:
-        raise HwrError(f"model.weights: {where} does not fit {model.variant} ({problem}); "
-                       "pick the variant it was saved from")
-    new = {k: state[k] for k in backbone}
-    head_keys = [k for k in own if k.startswith("head.")]
-    head_fits = all(k in state and state[k].shape == own[k].shape and torch.isfinite(state[k]).all()
-                    for k in head_keys)
-    if head_fits:
-        new.update({k: state[k] for k in head_keys})
-    elif model.head.kind == "vgg":  # torchvision classifier: keep all but the last layer
-        last = max(int(k.split(".")[2]) for k in head_keys)
-        new.update({k: state[k] for k in head_keys if int(k.split(".")[2]) != last and k in state
-                    and state[k].shape == own[k].shape and torch.isfinite(state[k]).all()})
-    missing_now = model.load_state_dict(new, strict=False).missing_keys
-    replaced = [k for k in missing_now if k.startswith("head.")]
-    head = f"new head ({len(replaced)} tensors initialised)" if replaced else "head loaded"
-    return f"weights from {where}; {head}"
-
-
-def build_vgg(cfg, num_classes: int) -> VGG:
-    frozen = BLOCKS - cfg.trainable_blocks if cfg.freeze == "features" else 0
-    model = VGG(cfg.variant, num_classes, cfg.input_size, cfg.head, cfg.dropout, 0,
-                cfg.unfreeze_after_epochs, cfg.backbone_lr_scale)
-    weights = cfg.weights
-    if weights != "none" and looks_like_path(weights):
-        state, kind = load_weight_file(Path(weights))
-        model.weights_note = load_into(model, state, f"{kind} {weights}")
-    elif weights != "none":
-        state, mean, std = load_torchvision_state(cfg.variant, weights)
-        model.weights_note = load_into(model, state, f"torchvision {cfg.variant} {weights}", mean, std)
-    model.set_frozen(frozen)
-    return model

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from hwr_dist.models import FineTunable
+
 
 def get_lr(step: int, total_steps: int, steps_per_epoch: int, base_lr: float, cfg) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total_steps`."""
@@ -31,8 +33,7 @@ def get_lr(step: int, total_steps: int, steps_per_epoch: int, base_lr: float, cf
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """No weight decay on biases and norm weights; every group carries an `lr_scale`."""
-    groups = getattr(model, "param_groups", None)
-    named = groups() if callable(groups) else [("", 1.0, list(model.named_parameters()))]
+    named = model.param_groups() if isinstance(model, FineTunable) else [("", 1.0, list(model.named_parameters()))]
     params = []
     for _, lr_scale, items in named:
         decay = [p for n, p in items if p.ndim > 1]
@@ -74,3 +75,21 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for k, v in state.items():
             self.shadow[k].copy_(v)
+
+
+def check_config(cfg) -> None:
+    """The optim and schedule sections."""
+    from hwr_dist.config import check, one_of
+
+    one_of("optim.name", cfg.optim.name, {"sgd", "adam", "adamw"})
+    check(cfg.optim.lr > 0, "optim.lr", "a number > 0", cfg.optim.lr)
+    check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "a number >= 0", cfg.optim.weight_decay)
+    check(0 <= cfg.optim.momentum < 1, "optim.momentum", "a number in [0, 1)", cfg.optim.momentum)
+    check(0 <= cfg.optim.beta2 < 1, "optim.beta2", "a number in [0, 1)", cfg.optim.beta2)
+    check(cfg.optim.grad_clip >= 0, "optim.grad_clip", "a number >= 0", cfg.optim.grad_clip)
+    check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", "a number in [0, 1)", cfg.optim.label_smoothing)
+    one_of("schedule.name", cfg.schedule.name, {"onecycle", "cosine", "step", "constant"})
+    check(0 <= cfg.schedule.warmup_fraction < 1, "schedule.warmup_fraction", "a number in [0, 1)", cfg.schedule.warmup_fraction)
+    check(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a number in [0, 1]", cfg.schedule.min_lr_ratio)
+    check(cfg.schedule.step_epochs > 0, "schedule.step_epochs", "a positive integer", cfg.schedule.step_epochs)
+    check(0 < cfg.schedule.gamma <= 1, "schedule.gamma", "a number in (0, 1]", cfg.schedule.gamma)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hwr_dist.errors import HwrError
+from hwr_dist.plots import plot_curves, series
 
 CURVES_FILE = "report_curves.png"
 
@@ -60,11 +61,6 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             "test": _json(run_dir / "eval_test" / "metrics.json"), "preempted": _json(run_dir / "preempted.json")}
 
 
-def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
 def _pct(v: Any) -> str:
     return f"{v:.2%}" if isinstance(v, (int, float)) else "-"
 
@@ -97,16 +93,16 @@ def summary_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
     epochs = [r["epoch"] for r in rows if isinstance(r.get("epoch"), int)]
     if epochs:
         out.append(("epochs", str(max(epochs))))
-    _, loss = _series(rows, "loss")
+    _, loss = series(rows, "loss")
     if loss:
         out.append(("last train loss", f"{loss[-1]:.4f}"))
-    _, lr = _series(rows, "lr")
+    _, lr = series(rows, "lr")
     if lr:
         out.append(("learning rate", f"peak {max(lr):.2e}, last {lr[-1]:.2e}"))
-    _, ips = _series(rows, "images_per_s")
+    _, ips = series(rows, "images_per_s")
     if ips:
         out.append(("throughput", f"{sorted(ips)[len(ips) // 2]:.0f} images/s (median)"))
-    vsteps, vacc = _series(rows, "val_accuracy")
+    vsteps, vacc = series(rows, "val_accuracy")
     if vacc:
         best = max(range(len(vacc)), key=vacc.__getitem__)
         out.append(("best val accuracy", f"{vacc[best]:.2%} (step {vsteps[best]})"))
@@ -121,48 +117,6 @@ def summary_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("wall time", f"{summ['wall_time_s']:.1f} s (last job)"))
     out.append(("run directory", str(run["dir"])))
     return out
-
-
-def plot_curves(run: dict[str, Any], path: Path) -> Path:
-    """Loss, accuracy and learning rate against the optimizer step, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = run["rows"]
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
-    s, v = _series(rows, "loss")
-    ax_loss.plot(s, v, label="train loss", color="tab:blue")
-    s, v = _series(rows, "val_loss")
-    if v:
-        ax_loss.plot(s, v, "o-", label="val loss", color="tab:orange")
-    test_loss = run["summary"].get("test_loss", run["test"].get("loss"))
-    if isinstance(test_loss, (int, float)):
-        ax_loss.axhline(test_loss, ls="--", color="tab:green", label=f"test loss {test_loss:.3f}")
-    ax_loss.set_title("loss")
-    s, v = _series(rows, "val_accuracy")
-    if v:
-        ax_acc.plot(s, v, "o-", label="val accuracy", color="tab:orange")
-    test_acc = run["test"].get("accuracy", run["summary"].get("test_accuracy"))
-    if isinstance(test_acc, (int, float)):
-        ax_acc.axhline(test_acc, ls="--", color="tab:green", label=f"test accuracy {test_acc:.2%}")
-    ax_acc.set_title("accuracy")
-    ax_acc.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    s, v = _series(rows, "lr")
-    ax_lr.plot(s, v, color="tab:purple")
-    ax_lr.set_title("learning rate")
-    for ax in (ax_loss, ax_acc, ax_lr):
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    name = (run["config"].get("train") or {}).get("name") if isinstance(run["config"].get("train"), dict) else None
-    fig.suptitle(f"{name or run['dir'].name}: training curves")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def report(run_dir: Path) -> Path:

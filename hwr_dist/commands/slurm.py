@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hwr_dist.errors import HwrError
 
-SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "train.sh"
+SCRIPT = Path(__file__).resolve().parents[1] / "launchers" / "slurm" / "train.sh"  # slurm/train.sh in a checkout
 NO_SLURM = ("{cmd} not found: run this on a SLURM login node (load Slurm first if your site uses modules, "
             "e.g. `module load slurm`); `hwr slurm submit --dry-run` prints the sbatch command without it")
 STATUS_KEYS = ("JobId", "JobName", "JobState", "Reason", "Restarts", "RunTime", "TimeLimit", "NumNodes",
@@ -58,6 +58,16 @@ def build_command(config: str | Path, overrides: list[str] = (), *, nodes: int |
         cmd.append("--export=" + ",".join(["ALL", *env]))
     cmd += [*sbatch_opts, str(script), str(config), *overrides]
     return cmd
+
+
+def submit_config(config: Path, overrides: list[str], dry_run: bool, **options) -> None:
+    """Check the config here (a bad one fails now, not in the queue), then sbatch it."""
+    from hwr_dist.recipes import load
+
+    load(config, overrides)
+    job_id = submit(build_command(config, overrides, **options), dry_run)
+    if job_id is not None:
+        print(f"submitted job {job_id}; watch it with: hwr slurm status {job_id}")
 
 
 def submit(cmd: list[str], dry_run: bool = False) -> str | None:

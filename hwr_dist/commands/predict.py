@@ -40,10 +40,11 @@ def read_characters(path: Path, segment: bool) -> torch.Tensor:
 
 
 def predict_files(checkpoint: Path, paths: list[Path], top_k: int, json_out: bool, segment: bool) -> int:
-    """Print predictions; unusable files are reported with the reason and skipped. Returns their count."""
-    from hwr_dist.inference import load_trained
+    """Print predictions; each unusable file gets an `error:` line on stderr (and an `error` field in
+    JSON) and the others go on. Returns the count of unusable files."""
+    from hwr_dist.export.use import load_any
 
-    trained = load_trained(checkpoint)
+    trained = load_any(checkpoint)
     files = expand(paths)
     if not files:
         raise HwrError("no image files found in the given paths")
@@ -52,8 +53,10 @@ def predict_files(checkpoint: Path, paths: list[Path], top_k: int, json_out: boo
     for path in files:
         try:
             chars = read_characters(path, segment)
-        except HwrError as e:
+        except HwrError as e:  # this file is unusable: say so, go on with the others
             failures += 1
+            why = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+            print(f"error: {why}", file=sys.stderr, flush=True)
             results.append({"file": str(path), "error": str(e)})
             continue
         probs = trained.probabilities(chars)

@@ -1,6 +1,4 @@
-"""Fine-tuning support for the training loop: the frozen-feature cache and DDP re-wrapping.
-
-Feature cache: while a model's whole backbone is frozen and training batches are not
+"""The frozen-feature cache: while a model's whole backbone is frozen and training batches are not
 augmented, the backbone maps each training image to the same features every epoch. They are
 computed once (in memory, and saved under the run directory keyed by a hash of the backbone
 weights, input size and data) and the training split is swapped for them: the loop then runs
@@ -16,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hwr_dist.files import atomic_write
 from hwr_dist.data.loader import DeviceData
+from hwr_dist.models import FineTunable
 
 CACHE_DIR = "feature_cache"
 
@@ -27,7 +27,6 @@ class FeatureCache:
 
     features: torch.Tensor  # float32 [N, ...] on the device
     labels: torch.Tensor  # int64 [N] on the device
-    key: str
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -39,9 +38,8 @@ class FeatureCache:
 
 def wants_cache(cfg, model, epoch: int) -> bool:
     """cache_features auto/on: the backbone is frozen during `epoch` and inputs are not augmented."""
-    frozen_at = getattr(model, "frozen_at", None)
-    return (frozen_at is not None and cfg.model.cache_features != "off" and not cfg.data.augment.enabled
-            and frozen_at(epoch))
+    return (isinstance(model, FineTunable) and cfg.model.cache_features != "off" and not cfg.data.augment.enabled
+            and model.frozen_at(epoch))
 
 
 def _add(h, t: torch.Tensor) -> None:
@@ -76,11 +74,8 @@ def compute_features(model, data: DeviceData, batch_size: int, acc) -> torch.Ten
 
 
 def build_feature_cache(run) -> FeatureCache | None:
-    """The cache for `run` (a train.Run) if it applies now, loaded from disk when the key matches."""
-    from hwr_dist.checkpoint import atomic_save
-    from hwr_dist.train import unwrapped
-
-    model = unwrapped(run)
+    """The cache for `run` (a train.setup.Run) if it applies now, loaded from disk when the key matches."""
+    model = run.bare
     if not wants_cache(run.cfg, model, run.state.epoch):
         return None
     data = run.data.train
@@ -103,23 +98,7 @@ def build_feature_cache(run) -> FeatureCache | None:
         if run.acc.is_main_process:
             for old in folder.glob("*.pt"):  # other keys: other weights, sizes or data
                 old.unlink(missing_ok=True)
-            atomic_save(features.cpu(), path)
+            atomic_write(path, features.cpu())
     run.display.print(f"feature cache: {len(features)} x {tuple(features.shape[1:])} backbone features {how} "
                       f"{path} ({time.perf_counter() - started:.1f} s); training runs the head only")
-    return FeatureCache(features.to(run.acc.device), data.labels, key)
-
-
-def rewrap_ddp(acc, model: torch.nn.Module) -> torch.nn.Module:
-    """A new DDP wrapper around the same module: DDP registers the parameters that require grad
-    when it is built, so parameters unfrozen later would silently not be all-reduced."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if not isinstance(model, DDP):
-        return model
-    kwargs = acc.ddp_handler.to_kwargs() if getattr(acc, "ddp_handler", None) is not None else {}
-    new = DDP(model.module, device_ids=model.device_ids, output_device=model.output_device, **kwargs)
-    if getattr(acc, "ddp_handler", None) is not None:
-        acc.ddp_handler.register_comm_hook(new)
-    if hasattr(acc, "_models"):  # accelerate's own list of prepared models; drop the old wrapper
-        acc._models = [new if m is model else m for m in acc._models]
-    return new
+    return FeatureCache(features.to(run.acc.device), data.labels)

@@ -1,4 +1,8 @@
-"""`hwr launch`: the right multi-process launcher command for this machine, printed, then run."""
+"""The launch command: the one place that knows how to start `python -m hwr_dist.train` on N processes.
+
+`hwr launch`, the benchmarks and the tests build their commands here; a test keeps
+`slurm/train.sh` in step with it.
+"""
 
 from __future__ import annotations
 
@@ -25,11 +29,31 @@ def gpu_count() -> int:
     return min(count, len(visible)) if "CUDA_VISIBLE_DEVICES" in os.environ else count
 
 
+TRAIN_MODULE = ["-m", "hwr_dist.train"]
+
+
+def accelerate_argv(num_processes: int | str, program: list[str], *, num_machines: int | str = 1,
+                    machine_rank: int | str | None = None, main_ip: str | None = None,
+                    main_port: int | str | None = None, launcher: list[str] | None = None) -> list[str]:
+    """`accelerate launch` for `program` (e.g. TRAIN_MODULE + config); slurm/train.sh spells the same
+    flags in the same order (a test compares them). --multi_gpu also means gloo DDP on CPU."""
+    bindir = os.path.dirname(sys.executable)
+    # No --mixed_precision or --dynamo_backend: those stay the user's (accelerate config, environment,
+    # or train.mixed_precision in the YAML; see README "Precision and accumulation").
+    cmd = [*(launcher or [os.path.join(bindir, "accelerate"), "launch"]), "--multi_gpu",
+           "--num_machines", str(num_machines), "--num_processes", str(num_processes)]
+    for flag, value in (("--machine_rank", machine_rank), ("--main_process_ip", main_ip),
+                        ("--main_process_port", main_port)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd + program
+
+
 def build_command(config: str, overrides: list[str], nproc: int | None, nnodes: int, node_rank: int,
                   master_addr: str, master_port: int, launcher: str) -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) for accelerate launch or torchrun."""
     gpus = gpu_count()
-    nproc = nproc or gpus or 2
+    nproc = nproc if nproc is not None else (gpus or 2)
     if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise HwrError(f"need --nproc >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes "
                        f"(got {nproc}, {nnodes}, {node_rank})")
@@ -39,27 +63,15 @@ def build_command(config: str, overrides: list[str], nproc: int | None, nnodes: 
     if not gpus:
         # One thread per process on shared cores; ACCELERATE_USE_CPU makes the group gloo DDP.
         env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    bindir = os.path.dirname(sys.executable)
-    train = ["-m", "hwr_dist.train", config, *overrides]
+    train = [*TRAIN_MODULE, config, *overrides]
     if launcher == "torchrun":
         rdzv = (["--standalone"] if nnodes == 1 else
                 ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{master_port}", "--rdzv_id", "hwr"])
-        cmd = [os.path.join(bindir, "torchrun"), *rdzv, "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), *train]
+        cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), *rdzv, "--nnodes", str(nnodes),
+               "--nproc_per_node", str(nproc), *train]
     elif launcher == "accelerate":
-        cmd = [os.path.join(bindir, "accelerate"), "launch", "--multi_gpu", "--num_machines", str(nnodes),
-               "--num_processes", str(nproc * nnodes), "--machine_rank", str(node_rank),
-               "--main_process_ip", master_addr, "--main_process_port", str(master_port),
-               "--mixed_precision", "no", "--dynamo_backend", "no", *train]
+        cmd = accelerate_argv(nproc * nnodes, train, num_machines=nnodes, machine_rank=node_rank,
+                              main_ip=master_addr, main_port=master_port)
     else:
         raise HwrError(f"--launcher must be accelerate or torchrun, got {launcher!r}")
     return cmd, env
-
-
-def launch(config: str, overrides: list[str], nproc: int | None, nnodes: int, node_rank: int, master_addr: str,
-           master_port: int, launcher: str, dry_run: bool) -> int:
-    cmd, env = build_command(config, overrides, nproc, nnodes, node_rank, master_addr, master_port, launcher)
-    shown = " ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd)
-    print(shown, file=sys.stderr, flush=True)
-    if dry_run:
-        return 0
-    return subprocess.run(cmd, env={**os.environ, **env}).returncode

@@ -1,0 +1,103 @@
+"""Every PNG the tool writes: confusion matrices, worst-error grids, training curves.
+
+matplotlib is imported inside each function: commands that draw nothing stay fast.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def save_plots(result, data, classes: list[str], out_dir, prefix: str) -> list:
+    """Confusion-matrix heat map and a grid of the worst misclassified images, as PNG.
+    `result` is an evaluate.EvalResult, `data` the split's DeviceData."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(5, n * 0.45), max(4.5, n * 0.4)))
+    im = ax.imshow(result.confusion.numpy(), cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=90 if n > 12 else 0, fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                v = int(result.confusion[i, j])
+                if v:
+                    ax.text(j, i, v, ha="center", va="center", fontsize=7,
+                            color="white" if v > result.confusion.max() / 2 else "black")
+    ax.set_title(f"{prefix} confusion matrix (accuracy {result.accuracy:.2%})")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    paths.append(out_dir / "confusion.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if result.worst:
+        cols = 8
+        rows = -(-len(result.worst) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (loss, i, y, p) in zip(axes.flat, result.worst):
+            ax.imshow(data.images[i].cpu().numpy(), cmap="gray")
+            ax.set_title(f"{classes[y]}→{classes[p]}", fontsize=8, color="crimson")
+        fig.suptitle(f"{prefix}: most confidently wrong (true→predicted)", fontsize=9)
+        fig.tight_layout()
+        paths.append(out_dir / "worst.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _val_and_test(ax, rows: list[dict], what: str, test_value: Any, fmt: str) -> None:
+    """The validation curve of `what` and the final test value as a dashed line, titled `what`."""
+    s, v = series(rows, f"val_{what}")
+    if v:
+        ax.plot(s, v, "o-", label=f"val {what}", color="tab:orange")
+    if isinstance(test_value, (int, float)):
+        ax.axhline(test_value, ls="--", color="tab:green", label=f"test {what} {fmt.format(test_value)}")
+    ax.set_title(what)
+
+
+def plot_curves(run: dict[str, Any], path: Path) -> Path:
+    """Loss, accuracy and learning rate against the optimizer step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = run["rows"]
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
+    s, v = series(rows, "loss")
+    ax_loss.plot(s, v, label="train loss", color="tab:blue")
+    test_loss = run["summary"].get("test_loss", run["test"].get("loss"))
+    _val_and_test(ax_loss, rows, "loss", test_loss, "{:.3f}")
+    test_acc = run["test"].get("accuracy", run["summary"].get("test_accuracy"))
+    _val_and_test(ax_acc, rows, "accuracy", test_acc, "{:.2%}")
+    ax_acc.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    s, v = series(rows, "lr")
+    ax_lr.plot(s, v, color="tab:purple")
+    ax_lr.set_title("learning rate")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    name = (run["config"].get("train") or {}).get("name") if isinstance(run["config"].get("train"), dict) else None
+    fig.suptitle(f"{name or run['dir'].name}: training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

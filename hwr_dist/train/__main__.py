@@ -1,0 +1,3 @@
+from hwr_dist.train.run import main
+
+main()
