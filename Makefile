@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs: `make train` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,wandb,onnx,tensorboard
+EXTRAS ?= dev,wandb,onnx,tensorboard,serve
 
 .PHONY: train test venv clean
 $(VENV)/.installed: pyproject.toml
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-train: venv  ## train the default small CNN on the built-in MNIST sample (about a minute on 2 cores)
+train: venv  ## train the default CNN on the built-in MNIST sample (about 20 s of training on 2 cores)
 	$(VENV)/bin/hwr train configs/default.yaml train.resume=auto $(ARGS)
 
 test: venv  ## the whole test suite, multi-process and SLURM tests included

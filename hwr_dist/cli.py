@@ -193,6 +193,21 @@ def export(checkpoint: Path = typer.Argument(..., help="a .pt file or a run dire
     export_checkpoint(checkpoint, fmt.value, quantize.value if quantize else None, out, report, force=force)
 
 
+@app.command("serve")
+@exit_on_error
+def serve_command(model: Path = typer.Argument(..., help="a checkpoint (.pt), a run directory, or an export "
+                                                           "(.onnx, .torchscript.pt)"),
+                  host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 opens it to the network"),
+                  port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
+                  max_batch: int = typer.Option(64, min=1, help="most images per forward pass (1: no batching)"),
+                  max_wait_ms: float = typer.Option(5.0, min=0, help="most time a request waits for others to batch"),
+                  workers: int = typer.Option(1, min=1, help="server processes, each with its own model")):
+    """Serve a model: JSON API (/v1/predict, /v1/model, /metrics, /openapi.json) and a draw-a-digit page at /."""
+    from hwr_dist.commands.serve import serve
+
+    serve(model, host, port, max_batch, max_wait_ms, workers)
+
+
 @app.command()
 @exit_on_error
 def report(run_dir: Path = typer.Argument(..., help="a training run's directory, e.g. runs/default")):

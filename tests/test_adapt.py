@@ -15,7 +15,8 @@ from PIL import Image
 
 from hwr_dist.checkpoint import load_checkpoint
 from hwr_dist.config import Config
-from hwr_dist.data import DIGITS, Split, limit_per_class, load_dataset, training_splits
+from hwr_dist.data import DIGITS, load_dataset
+from hwr_dist.data.splits import Split, limit_per_class, training_splits
 from hwr_dist.data.loader import normalise, pixel_stats
 from hwr_dist.errors import HwrError
 from hwr_dist.models import FineTunable, build_model

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from hwr_dist.data.imagefolder import IMAGE_SUFFIXES
 from hwr_dist.errors import HwrError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def expand(paths: list[Path]) -> list[Path]:
@@ -26,17 +26,23 @@ def expand(paths: list[Path]) -> list[Path]:
 
 def read_characters(path: Path, segment: bool) -> torch.Tensor:
     """uint8 [K, 28, 28]: one image, or each character of a row when segmenting."""
-    from hwr_dist.data.preprocess import mnist_style, open_image, segment_row
+    from hwr_dist.data.preprocess import characters, open_image
 
     if not path.exists():
         raise HwrError(f"{path} does not exist")
-    img = open_image(path)
-    crops = segment_row(img, str(path)) if segment else [img]
-    if not crops:
-        raise HwrError(f"{path}: no characters found")
-    if len(crops) == 1:
-        return mnist_style(crops[0], str(path)).unsqueeze(0)
-    return torch.stack([mnist_style(c, f"character {i + 1} of {path}") for i, c in enumerate(crops)])
+    return characters(open_image(path), segment, str(path))
+
+
+def answer(probs: torch.Tensor, classes: list[str], top_k: int, segment: bool) -> dict:
+    """One image's answer from its characters' probabilities [K, classes]; `hwr serve` answers with it too."""
+    top = probs.topk(min(top_k, len(classes)), dim=1)
+    per_char = [[{"class": classes[i], "probability": round(float(p), 4)}
+                 for p, i in zip(ps.tolist(), ix.tolist())] for ps, ix in zip(top.values, top.indices)]
+    item = {"prediction": "".join(c[0]["class"] for c in per_char),
+            "probability": round(float(top.values[:, 0].prod()), 4), "top": per_char[0] if not segment else None}
+    if segment:
+        item["characters"] = per_char
+    return item
 
 
 def predict_files(checkpoint: Path, paths: list[Path], top_k: int, json_out: bool, segment: bool) -> int:
@@ -48,7 +54,6 @@ def predict_files(checkpoint: Path, paths: list[Path], top_k: int, json_out: boo
     files = expand(paths)
     if not files:
         raise HwrError("no image files found in the given paths")
-    k = min(top_k, len(trained.classes))
     results, failures = [], 0
     for path in files:
         try:
@@ -59,15 +64,7 @@ def predict_files(checkpoint: Path, paths: list[Path], top_k: int, json_out: boo
             print(f"error: {why}", file=sys.stderr, flush=True)
             results.append({"file": str(path), "error": str(e)})
             continue
-        probs = trained.probabilities(chars)
-        top = probs.topk(k, dim=1)
-        per_char = [[{"class": trained.classes[i], "probability": round(float(p), 4)}
-                     for p, i in zip(ps.tolist(), ix.tolist())] for ps, ix in zip(top.values, top.indices)]
-        item = {"file": str(path), "prediction": "".join(c[0]["class"] for c in per_char),
-                "probability": round(float(top.values[:, 0].prod()), 4), "top": per_char[0] if not segment else None}
-        if segment:
-            item["characters"] = per_char
-        results.append(item)
+        results.append({"file": str(path), **answer(trained.probabilities(chars), trained.classes, top_k, segment)})
     if json_out:
         print(json.dumps(results, indent=1))
     else:

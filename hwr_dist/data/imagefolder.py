@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from hwr_dist.data import Bundle, Split, stratified_split
+from hwr_dist.data.splits import Bundle, Split, stratified_split
 from hwr_dist.data.preprocess import mnist_style, open_image
 from hwr_dist.errors import HwrError
 

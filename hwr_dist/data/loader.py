@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hwr_dist.data import Split
+from hwr_dist.data.splits import Split
 from hwr_dist.data.augment import augment
 
 

@@ -8,6 +8,7 @@ like the training data (ink white on black).
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ HIGH_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
+class ImageTooLarge(HwrError):
+    """Over MAX_MEGAPIXELS: a decompression bomb, or just a photo far larger than 20 pixels need."""
+
+
 def open_image(path: str | Path) -> Image.Image:
     """A readable, upright, opaque "L" or "RGB" image, or an HwrError that names the file."""
     path = Path(path)
@@ -38,23 +43,46 @@ def open_image(path: str | Path) -> Image.Image:
         raise HwrError(f"{path} not found; check the path")
     if path.stat().st_size == 0:
         raise HwrError(f"{path} is empty (0 bytes); re-save the image or remove the file")
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, name: str = "the image") -> Image.Image:
+    """`open_image` for bytes already in memory (an upload): nothing touches the file system."""
+    if not data:
+        raise HwrError(f"{name} is empty (0 bytes); send the image file's contents")
+    return _decode(io.BytesIO(data), name)
+
+
+def characters(image: bytes | Image.Image, segment: bool = False, name: str = "the image") -> torch.Tensor:
+    """uint8 [K, 28, 28] from image bytes or a decoded image: the image as one character, or each
+    character of a row when `segment`. `hwr predict` and `hwr serve` both read images through here."""
+    img = decode_image(bytes(image), name) if isinstance(image, (bytes, bytearray, memoryview)) else image
+    crops = segment_row(img, name) if segment else [img]
+    if not crops:
+        raise HwrError(f"{name}: no characters found")
+    if len(crops) == 1:
+        return mnist_style(crops[0], name).unsqueeze(0)
+    return torch.stack([mnist_style(c, f"character {i + 1} of {name}") for i, c in enumerate(crops)])
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns (above ~89 MP) or raises (above ~179 MP) while opening a decompression bomb;
             # both only mean "huge" here, and must not print a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                _check_size(path, im.size)  # from the header, before decoding anything
+            with Image.open(source) as im:
+                _check_size(name, im.size)  # from the header, before decoding anything
                 im.load()
                 img = _flatten(ImageOps.exif_transpose(im))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise HwrError(_huge(path, f"over {MAX_MEGAPIXELS} megapixels")) from None
+        raise ImageTooLarge(_huge(name, f"over {MAX_MEGAPIXELS} megapixels")) from None
     except UnidentifiedImageError:
-        raise HwrError(f"{path} is not an image file PIL can read; re-save it as PNG or JPEG, or remove it") from None
+        raise HwrError(f"{name} is not an image file PIL can read; re-save it as PNG or JPEG, or remove it") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data: PIL's decoders raise all three
-        raise HwrError(f"{path} is damaged or truncated ({e}); re-save it or remove it") from None
+        raise HwrError(f"{name} is damaged or truncated ({e}); re-save it or remove it") from None
     if all(lo == hi for lo, hi in _band_extrema(img)):
-        raise HwrError(f"{path} is all one colour, so there is nothing to read; check it is the right file or remove it")
+        raise HwrError(f"{name} is all one colour, so there is nothing to read; check it is the right file or remove it")
     return img
 
 
@@ -84,14 +112,14 @@ def segment_row(img: Image.Image, name: str = "the image") -> list[Image.Image]:
     return [_crop(comps, g) for g in chars]
 
 
-def _check_size(path: Path, size: tuple[int, int]) -> None:
+def _check_size(name: str, size: tuple[int, int]) -> None:
     w, h = size
     if w * h > MAX_MEGAPIXELS * 1_000_000:
-        raise HwrError(_huge(path, f"{w}x{h}, {w * h / 1e6:.0f} megapixels, over the limit of {MAX_MEGAPIXELS}"))
+        raise ImageTooLarge(_huge(name, f"{w}x{h}, {w * h / 1e6:.0f} megapixels, over the limit of {MAX_MEGAPIXELS}"))
 
 
-def _huge(path: Path, detail: str) -> str:
-    return f"{path} is a huge image ({detail}); downscale it, e.g. to 2000 pixels on the longer side"
+def _huge(name: str, detail: str) -> str:
+    return f"{name} is a huge image ({detail}); downscale it, e.g. to 2000 pixels on the longer side"
 
 
 def _no_ink(name: str) -> str:

@@ -28,6 +28,9 @@ class AnyModel:
     data_set: str
     cfg: Any | None  # the run's Config; TorchScript and ONNX exports carry only the contract, not the config
     report_dir: Path  # where `hwr evaluate` writes unless told
+    architecture: str  # the model's registry name
+    quantization: dict | None  # an export's int8 scheme
+    run_dir: Path | None  # the training run's directory, when known
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -47,8 +50,9 @@ class _OnCpu(nn.Module):
         return self.run(x.cpu()).to(x.device)
 
 
-def load_any(path: str | Path) -> AnyModel:
-    """A checkpoint (a .pt file or a run directory) or an exported file, told apart by content."""
+def load_any(path: str | Path, threads: int | None = None) -> AnyModel:
+    """A checkpoint (a .pt file or a run directory) or an exported file, told apart by content;
+    `threads`: ONNX Runtime's intra-op threads."""
     from hwr_dist.checkpoint import load_trained
     from hwr_dist.config import config_from_dict
 
@@ -56,12 +60,17 @@ def load_any(path: str | Path) -> AnyModel:
     fmt = _export_format(path)
     if fmt is None:
         t = load_trained(path)
-        return AnyModel(t.path, "checkpoint", t.classes, t.mean, t.std, t.model, t.cfg.data.name, t.cfg, t.run_dir)
-    ex = load_exported(path)
+        return AnyModel(t.path, "checkpoint", t.classes, t.mean, t.std, t.model, t.cfg.data.name, t.cfg, t.run_dir,
+                        t.cfg.model.name, None, t.run_dir)
+    ex = load_exported(path, threads)
     cfg = config_from_dict(ex.config) if ex.config is not None else None
+    source = Path(ex.meta["source_checkpoint"]) if ex.meta.get("source_checkpoint") else None
+    run_dir = None if source is None else (source.parent.parent if source.parent.name == "checkpoints"
+                                           else source.parent)
     # beside the file, one folder per export: two exports in one folder must not share a report
     return AnyModel(path, ex.format, ex.classes, ex.mean, ex.std, _OnCpu(ex.run).eval(), ex.meta["data_set"],
-                    cfg, path.with_name(f"{path.name}-report"))
+                    cfg, path.with_name(f"{path.name}-report"), ex.meta.get("model", "unknown"),
+                    ex.meta.get("quantization"), run_dir)
 
 
 def _export_format(path: Path) -> str | None:
