@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, env, hwr, one_error_line, train_module, wait_for
+from conftest import ROOT, env, hwr, one_error_line, run, train_module, wait_for
 
 
 def read_params(path):
@@ -58,7 +58,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
     killed_at = read_params(ckpts / "last.pt")["state"]
     assert 0 < killed_at["step"] < 226 and killed_at["batch"] > 0, killed_at  # really mid-epoch
 
-    resumed = train_module("configs/default.yaml", *args, "train.name=killed")
+    resumed = run([sys.executable, "-m", "hwr_dist.train", "configs/default.yaml", *args, "train.name=killed"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {ckpts / 'last.pt'} at step {killed_at['step']}" in resumed.stderr
     a = read_params(tmp_path / "runs" / "reference" / "checkpoints" / "last.pt")
@@ -80,7 +80,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     last = tmp_path / "runs" / "nan" / "checkpoints" / "last.pt"
     before = last.read_bytes()
     proc = train_module("configs/default.yaml", *args, "train.epochs=2", "train.resume=auto",
-                        "optim.lr=1e12", "schedule.name=constant")
+                        "optim.lr=1e12", "schedule.name=constant", "train.resume_changes=accept")
     assert proc.returncode == 3
     line = one_error_line(proc)
     assert "loss became nan" in line and "last good checkpoint" in line and "optim.lr" in line
