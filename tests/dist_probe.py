@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hwr_dist import train as loop
-from hwr_dist.recipes import load as load_config
+from hwr_dist.recipes import load
+from hwr_dist.train.loop import train
+from hwr_dist.train.run import close, finish
+from hwr_dist.train.setup import describe, setup
 
 
 def main() -> None:
@@ -45,6 +47,7 @@ def main() -> None:
         "steps": run.state.step,
         "test_accuracy": summary["test_accuracy"],
     }, out / f"probe-rank{run.acc.process_index}.pt")
+    close(run, "completed")
 
 
 if __name__ == "__main__":

@@ -75,10 +75,15 @@ def run_training(cfg: Config, quiet: bool = False, hooks: Hooks | None = None) -
         status = "diverged"
         raise
     finally:
-        run.tracker.finish(status)
-        run.stop.close()
-        end_process_group(run.acc, orderly=status != "failed")
-        run.lock.release()
+        close(run, status)
+
+
+def close(run: Run, status: str) -> None:
+    """The tracker first (the final metrics go to it), the last stop vote, the process group, the lock."""
+    run.tracker.finish(status)
+    run.stop.close()
+    end_process_group(run.acc, orderly=status != "failed")
+    run.lock.release()
 
 
 def end_process_group(acc, orderly: bool) -> None:
