@@ -90,7 +90,7 @@ def test_use_broken_checkpoint(capsys, tmp_path, trained, name, command):
 
 CHANGES = [("model.width=8", "does not fit this model"), ("optim.name=sgd", "optim.name=adamw"),
            ("data.batch_size=32", "data.batch_size 64 -> 32"), ("train.epochs=3", "train.epochs 1 -> 3"),
-           ("train.seed=1", "train.seed"), ("optim.lr=0.01", "optim.lr"), ("schedule.name=cosine", "schedule.name"),
+           ("train.seed=1", "train.seed"), ("optim.lr=0.02", "optim.lr"), ("schedule.name=cosine", "schedule.name"),
            ("train.max_steps=4", "train.max_steps"), ("train.grad_accum_steps=2", "grad_accum_steps"),
            ("data.val_fraction=0.2", "data.val_fraction"), ("data.name=imagefolder", "data.name")]
 
@@ -168,7 +168,8 @@ def test_evaluate_out_is_a_file(capsys, tmp_path, run_copy, case):
 def test_disk_full_during_a_save(capsys, tmp_path):
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=2m", "tmpfs") as disk:
         (disk / "earlier").mkdir()
-        (disk / "earlier" / "keep.bin").write_bytes(bytes(1200 << 10))  # leaves less than a checkpoint's size
+        free = shutil.disk_usage(disk).free  # leave less than a checkpoint's size, whatever the model
+        (disk / "earlier" / "keep.bin").write_bytes(bytes(max(0, free - (64 << 10))))
         before = snapshot(disk)
         check(train(capsys, f"train.out_dir={disk}", "train.name=new"), 2, before, "cannot write a checkpoint")
         assert not list(disk.rglob("*.tmp*")), "no temporary is left behind"
