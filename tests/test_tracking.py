@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ROOT, TINY, env, free_port, hwr, one_error_line, run, train_module, wait_for, wandb_env
+from conftest import BIN, ROOT, TINY, env, free_port, hwr, one_error_line, run, wait_for, wandb_env
 
 pytest.importorskip("wandb")
 
@@ -52,7 +52,7 @@ def dist_run(tmp_path_factory):
                  "tracking.wandb.group=g1", "tracking.tensorboard=true"]
     from hwr_dist.train.launcher import TRAIN_MODULE, accelerate_argv
 
-    cmd = accelerate_argv(2, [*TRAIN_MODULE, "configs/default.yaml", *overrides, "--quiet"], main_port=free_port())
+    cmd = accelerate_argv(2, [*TRAIN_MODULE, "configs/default.yaml", *overrides], main_port=free_port())
     started = time.perf_counter()
     # W&B's own variables fill what the config leaves unset; what the config sets (group, tags) wins.
     proc = run(cmd, timeout=300, ACCELERATE_USE_CPU="1", **wandb_env(
@@ -129,7 +129,7 @@ def test_killed_job_resumes_into_the_same_run(tmp_path):
             f"train.out_dir={tmp_path / 'runs'}", "train.name=killed", "tracking.wandb.enabled=true",
             "tracking.tensorboard=true"]
     wenv = wandb_env(tmp_path)  # no WANDB_DIR: W&B writes into the run directory
-    cmd = [sys.executable, "-m", "hwr_dist.train", "configs/default.yaml", *args, "--quiet"]
+    cmd = [sys.executable, "-m", "hwr_dist.train", "configs/default.yaml", *args]
     log = tmp_path / "killed.log"
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**wenv), stdout=subprocess.DEVNULL, stderr=err,
@@ -153,7 +153,7 @@ def test_killed_job_resumes_into_the_same_run(tmp_path):
     assert 20 <= killed_at < total and run_id, state  # killed mid-run, the id is in the checkpoint
     assert json.loads((run_dir / "tracking.json").read_text())["run_id"] == run_id
 
-    resumed = train_module("configs/default.yaml", *args, **wenv)
+    resumed = run(cmd, **wenv)  # not --quiet: the resume line is read
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {killed_at}" in resumed.stderr
 
