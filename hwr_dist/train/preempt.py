@@ -26,7 +26,7 @@ from hwr_dist.files import atomic_write
 STOP_FILE = "STOP"
 PREEMPTED_FILE = "preempted.json"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-FILE_CHECK_S = 1.0  # the stop file is looked for at most this often (a stat on a shared file system)
+FILE_CHECK_S = 0.1  # the stop file is looked for at most this often (a stat on a shared file system)
 
 
 class StopFlag:
