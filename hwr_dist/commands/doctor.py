@@ -37,13 +37,10 @@ def in_effect(cfg) -> tuple[str, str]:
     env = dict(os.environ)
     if "ACCELERATE_MIXED_PRECISION" not in env and defaults.get("mixed_precision"):
         env["ACCELERATE_MIXED_PRECISION"] = str(defaults["mixed_precision"])  # what accelerate launch would set
-    saved, os.environ = os.environ, env
-    try:
-        precision = from_launcher("train.mixed_precision", cfg.train.mixed_precision, "ACCELERATE_MIXED_PRECISION", "no")
-        accum = from_launcher("train.grad_accum_steps", cfg.train.grad_accum_steps,
-                              "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1", int)
-    finally:
-        os.environ = saved
+    precision = from_launcher("train.mixed_precision", cfg.train.mixed_precision, "ACCELERATE_MIXED_PRECISION", "no",
+                              environ=env)
+    accum = from_launcher("train.grad_accum_steps", cfg.train.grad_accum_steps,
+                          "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1", int, environ=env)
     return precision, f"{accum} (accelerate config: {path if defaults else 'none'})"
 
 
@@ -58,16 +55,20 @@ def wandb_state() -> str:
     return f"installed; WANDB_MODE {mode}; {'logged in' if logged_in else 'not logged in (offline works)'}"
 
 
-def rows(cfg) -> list[tuple[str, str]]:
+def free_disk(out_dir: str) -> tuple[Path, float]:
+    """(the nearest existing folder of the run directory, GiB free there)."""
+    out = Path(out_dir)
+    probe = next((p for p in (out, *out.absolute().parents) if p.exists()), Path("."))
+    return probe, shutil.disk_usage(probe).free / 2**30
+
+
+def rows(cfg, probe: Path, free: float) -> list[tuple[str, str]]:
     import torch
 
     cuda = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda else "-"
     precision, accum = in_effect(cfg)
-    out_dir = Path(cfg.train.out_dir)
-    probe = next((p for p in (out_dir, *out_dir.absolute().parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(probe).free / 2**30
     return [("torch", torch.__version__), ("CUDA", torch.version.cuda if cuda else f"not available ({torch.version.cuda} build)"),
             ("NCCL", nccl), ("GPUs", ", ".join(gpus) or "none: training runs on CPU (gloo for several processes)"),
             ("CPU cores", str(os.cpu_count())), ("precision in effect", precision), ("accumulation in effect", accum),
@@ -85,10 +86,9 @@ def doctor(config: Path | None, overrides: list[str]) -> None:
     table = Table(title="hwr doctor", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    found = rows(cfg)
-    for k, v in found:
+    probe, free = free_disk(cfg.train.out_dir)
+    for k, v in rows(cfg, probe, free):
         table.add_row(k, v)
     Console(soft_wrap=True).print(table)
-    free = float(found[-1][1].split()[0])
     if free < MIN_FREE_GB:
         raise HwrError(f"only {free:.1f} GiB free for {cfg.train.out_dir}; free space or set train.out_dir elsewhere")

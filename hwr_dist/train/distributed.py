@@ -24,12 +24,12 @@ def check_elastic_store() -> None:
                        "as launch/torchrun.sh and launch/torchrun_multinode.sh do")
 
 
-def from_launcher(key: str, mine, env: str, unset: str, cast=str):
+def from_launcher(key: str, mine, env: str, unset: str, cast=str, environ=os.environ):
     """One setting by the precedence rule: the config's value (the YAML or an hwr override) >
     the launcher's (accelerate launch's flags, its config file, or the environment variable `env`)
     > the default `unset`. A launcher cannot tell its own default (`unset`) from an explicit one,
     so only another value counts as set there. Both set and different: refused, naming both."""
-    raw = os.environ.get(env, "")
+    raw = environ.get(env, "")
     theirs = cast(raw) if raw and raw.lower() != str(unset) else None
     if mine is not None and theirs is not None and mine != theirs:
         raise HwrError(f"{key}={mine} in the config but {theirs} from the launcher ({env}, set by accelerate "
