@@ -154,7 +154,8 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="a .pt file, a run dire
              split: Split = typer.Option(Split.test, help="the split to score"),
              out: Optional[Path] = typer.Option(None, help="where to write the report (default: the run directory)"),
              data_root: Optional[str] = typer.Option(None, help="override data.root of the checkpoint's config")):
-    """Accuracy, per-class precision/recall/F1, confusion matrix and plots for a trained or exported model."""
+    """Accuracy, per-class precision/recall/F1, confusion matrix and plots for a trained or exported model
+    (a sequence model's checkpoint: sequence accuracy, character error rate and its worst readings)."""
     from hwr_dist.commands.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(checkpoint, split.value, out, data_root)
@@ -164,13 +165,22 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="a .pt file, a run dire
 @exit_on_error
 def predict(checkpoint: Path = typer.Argument(..., help="a .pt file, a run directory or a file written by hwr export"),
             images: List[Path] = typer.Argument(..., help="image files or folders"),
-            top_k: int = typer.Option(3, "--top-k", min=1, help="classes to show per image"),
+            top_k: Optional[int] = typer.Option(None, "--top-k", min=1,
+                                                help="classes to show per image (classifiers; default 3)"),
             json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-            segment: bool = typer.Option(False, "--segment", help="read a row of characters in each image")):
-    """Recognise real images (photos, scans, MNIST-style) with a trained model."""
+            segment: bool = typer.Option(False, "--segment",
+                                         help="read a row of characters in each image (classifiers)"),
+            beam: Optional[int] = typer.Option(None, "--beam", min=1,
+                                               help="sequence models: beam search this wide instead of greedy "
+                                                    "reading"),
+            pattern: Optional[str] = typer.Option(None, "--pattern",
+                                                  help="sequence models: a regular expression the reading must "
+                                                       "match, e.g. '\\d{5}' (beam search, 16 wide unless --beam)")):
+    """Recognise real images (photos, scans, MNIST-style) with a trained model: a classifier names each
+    character, a sequence model (CRNN) reads each image as one number or line of text."""
     from hwr_dist.commands.predict import predict_files
 
-    failures = predict_files(checkpoint, images, top_k, json_out, segment)
+    failures = predict_files(checkpoint, images, top_k, json_out, segment, beam, pattern)
     raise typer.Exit(code=2 if failures else 0)
 
 

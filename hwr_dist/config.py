@@ -40,6 +40,31 @@ class AugmentConfig:
 
 
 @dataclass
+class StringsConfig:
+    """data.name=digit-strings: number images composed from the digits of another data set."""
+    source: str = "mnist-sample"
+    """The digit data set whose train/val/test splits supply each split's digits."""
+    min_length: int = 4
+    """Fewest digits in a string."""
+    max_length: int = 8
+    """Most digits in a string."""
+    gap: list[float] = field(default_factory=lambda: [-2.0, 6.0])
+    """Range of the space between neighbours' ink, in pixels of a 28-pixel digit (< 0 overlaps, 0 touches)."""
+    scale: list[float] = field(default_factory=lambda: [0.85, 1.1])
+    """Range of each digit's size factor."""
+    jitter: float = 2.0
+    """Largest shift of a digit off the baseline, in pixels, either way."""
+    slant: float = 10.0
+    """Largest slant (shear) of a digit, in degrees, either way."""
+    height: int = 32
+    """Height of every string image, in pixels."""
+    train_size: int = 20000
+    """Strings per training epoch (drawn afresh every epoch)."""
+    eval_size: int = 1000
+    """Strings in each of the validation and test sets (fixed for a given seed)."""
+
+
+@dataclass
 class DataConfig:
     name: str = "mnist-sample"
     """Data set from the registry (`hwr data list`)."""
@@ -56,6 +81,7 @@ class DataConfig:
     eval_batch_size: int = 1000
     """Batch size per process for evaluation."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    strings: StringsConfig = field(default_factory=StringsConfig)
 
 
 @dataclass
@@ -80,6 +106,9 @@ class ModelConfig:
     head: str = "linear"
     """vgg: linear (global pool, standardised, linear), mlp (+ a hidden layer) or vgg (original classifier, new
     last layer); fast_cnn: linear, or mlp (a hidden layer of 128)."""
+    stem: str = "pool"
+    """fast_cnn: how the first stage halves the image, pool (a 3x3 conv, then a 2x2 max-pool) or stride2 (one
+    4x4 conv with stride 2: about 40% less compute per training image)."""
     freeze: str = "none"
     """none, or features: the backbone is frozen (vgg: except its last trainable_blocks blocks)."""
     trainable_blocks: int = 0
@@ -90,6 +119,14 @@ class ModelConfig:
     """Learning rate of the backbone relative to the head's (fine-tuning)."""
     cache_features: str = "auto"
     """vgg: compute frozen backbone features once and train the head on them: auto, on or off."""
+    encoder: str = "lstm"
+    """crnn: the sequence encoder over the columns, lstm (bidirectional) or transformer."""
+    hidden: int = 128
+    """crnn: the encoder's width (per direction for the LSTM)."""
+    layers: int = 2
+    """crnn: encoder layers."""
+    init_from: str = ""
+    """crnn: start the conv stack from a fast_cnn digit classifier: builtin (the shipped one), or its checkpoint."""
 
 
 @dataclass

@@ -33,6 +33,12 @@ class EvalResult:
     def accuracy(self) -> float:
         return float(self.confusion.diag().sum()) / max(1, self.count)
 
+    def metrics(self, split: str) -> dict[str, float]:
+        return {f"{split}_accuracy": self.accuracy, f"{split}_loss": self.loss}
+
+    def headline(self) -> str:
+        return f"accuracy {self.accuracy:.2%}"
+
     def per_class(self) -> dict[str, list[float]]:
         c = self.confusion.double()
         tp = c.diag()

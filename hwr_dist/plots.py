@@ -56,6 +56,31 @@ def save_plots(result, data, classes: list[str], out_dir, prefix: str) -> list:
     return paths
 
 
+def save_reading_grid(worst: list, data, out_dir, prefix: str) -> list:
+    """The worst readings of a sequence evaluation, one row each: the image, the truth and the reading,
+    as worst.png. `worst` holds ctc.Reading records, `data` the split (LineData or DigitStrings)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    fig, axes = plt.subplots(len(worst), 1, figsize=(6, 0.85 * len(worst) + 0.4), squeeze=False)
+    for ax, r in zip(axes.flat, worst):
+        x, y = data.batch(torch.tensor([r.index]))
+        image = (x[0, 0, :, : int(y.widths[0])] * data.std + data.mean).clamp(0, 1)
+        ax.imshow(image.cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"truth {r.truth}  read {r.reading or '(nothing)'}  ({r.distance} edits)", fontsize=8,
+                     color="crimson", loc="left")
+        ax.axis("off")
+    fig.suptitle(f"{prefix}: the readings farthest from the truth", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "worst.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [p[0] for p in pts], [p[1] for p in pts]

@@ -3,7 +3,7 @@
 A config is a YAML path or the name of a recipe shipped in the package (`hwr recipes`), so
 `hwr train fast_sample` works from any folder after `pip install`. `load` is what every
 command calls: defaults <- YAML <- overrides (`hwr_dist.config`), then each section checked
-by its owner: data, models, the optimizer and schedule, the loop, tracking.
+by its owner: data, models, the task (they must fit), the optimizer and schedule, the loop, tracking.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from hwr_dist.config import Config, load_config
 from hwr_dist.data import check_config as check_data
 from hwr_dist.errors import HwrError
 from hwr_dist.models import check_config as check_model
+from hwr_dist.tasks import check_config as check_task
 from hwr_dist.tracking import check_config as check_tracking
 from hwr_dist.train.optim import check_config as check_optim
 from hwr_dist.train.setup import check_config as check_train
@@ -40,7 +41,7 @@ def find(config: str | Path) -> Path:
 
 def load(config: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg = load_config(find(config) if config is not None else None, list(overrides))
-    for check in (check_data, check_model, check_optim, check_train, check_tracking):
+    for check in (check_data, check_model, check_task, check_optim, check_train, check_tracking):
         check(cfg)
     return cfg
 

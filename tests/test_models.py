@@ -10,10 +10,13 @@ import torch
 from hwr_dist.config import Config
 from hwr_dist.errors import HwrError
 from hwr_dist.models import MODELS, FineTunable, build_model, load_model_state
+from hwr_dist.tasks import SEQUENCE_MODELS
 from hwr_dist.train.optim import EMA, build_optimizer, get_lr, set_lr
 
+CLASSIFIERS = sorted(set(MODELS) - set(SEQUENCE_MODELS))
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
 @pytest.mark.parametrize("classes", [10, 47])
 def test_every_model_follows_the_class_count_and_trains(name, classes):
     cfg = Config().model
@@ -84,3 +87,13 @@ def test_ema_tracks_weights():
     before = ema.state_dict()["weight"].clone()
     ema.update(model)
     torch.testing.assert_close(ema.state_dict()["weight"], before + 1.0)
+
+
+def test_fast_cnn_stride2_stem_halves_the_image_in_one_conv():
+    cfg = Config().model
+    cfg.name, cfg.width, cfg.head, cfg.stem = "fast_cnn", 16, "mlp", "stride2"
+    model = build_model(cfg, 10)
+    first = model[0]
+    assert isinstance(first, torch.nn.Conv2d) and first.stride == (2, 2) and first.kernel_size == (4, 4)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in list(model)[:3])  # no full-resolution pooling
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)

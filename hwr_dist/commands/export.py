@@ -1,8 +1,9 @@
 """`hwr export`: a checkpoint to a deployable file that carries its own preprocessing contract.
 
 Formats and their contract: hwr_dist/export/formats.py and contract.py. The EMA weights are
-exported when the run kept them. ``--quantize int8``: hwr_dist/export/quantize.py. After writing,
-the file is loaded back in its own runtime and checked against PyTorch (`verify`).
+exported when the run kept them. ``--quantize int8``: hwr_dist/export/quantize.py, for classifiers
+(its calibration and its report measure 28x28 characters). After writing, the file is loaded back
+in its own runtime and checked against PyTorch (`verify`); a sequence model's at two line widths.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from hwr_dist.errors import HwrError
-from hwr_dist.export.contract import FORMATS, QUANTIZE, SUFFIX, contract, dynamic_meta
+from hwr_dist.export.contract import CHECK_WIDTHS, FORMATS, QUANTIZE, SUFFIX, contract, dynamic_meta, is_sequence
 from hwr_dist.export.formats import Exported, load_exported, need_onnx, verify, write_export
 from hwr_dist.export.measure import Measure, load_split, measure, print_report
 from hwr_dist.export.quantize import choose_int8, quantize_dynamic_linear
@@ -41,6 +42,17 @@ def check_options(fmt: str, quantize: str | None) -> tuple[str, str | None]:
     if fmt == "onnx":
         need_onnx()  # before any work
     return fmt, quantize
+
+
+def check_sequence_options(trained, quantize: str | None, report: bool | None) -> None:
+    """int8 and the report are for classifiers: both run 28x28 characters through the model."""
+    what = f"{trained.path} holds a {trained.cfg.model.name} sequence model"
+    if quantize:
+        raise HwrError(f"--quantize {quantize} is for classifiers (its int8 layers are chosen and checked on 28x28 "
+                       f"characters); {what}: export it in float32, without --quantize")
+    if report:
+        raise HwrError(f"--report measures classifiers on 28x28 characters; {what}: leave --report out, and score "
+                       "the checkpoint's lines with hwr evaluate")
 
 
 def default_out(trained, fmt: str, quantize: str | None) -> Path:
@@ -77,6 +89,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str = "torchscript", quantize
 
     fmt, quantize = check_options(fmt, quantize)
     trained = load_trained(checkpoint)
+    if is_sequence(trained):
+        check_sequence_options(trained, quantize, report)
     ema = bool(load_checkpoint(trained.path).get("ema"))
     out = Path(out) if out else default_out(trained, fmt, quantize)
     if out.is_dir():
@@ -102,7 +116,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str = "torchscript", quantize
     exported = load_exported(out)
     diff = verify(trained, exported, reference)
     what = f"{fmt}{', ' + quantization['scheme'] if quantization else ''}, {'EMA' if ema else 'trained'} weights"
-    checked = "" if diff is None else f"; outputs match PyTorch (max difference {diff:.1e})"
+    widths = f" at widths {' and '.join(map(str, CHECK_WIDTHS))}" if is_sequence(trained) else ""
+    checked = "" if diff is None else f"; outputs match PyTorch{widths} (max difference {diff:.1e})"
     echo(f"wrote {out} ({what}, {out.stat().st_size:,} bytes{checked})")
     result = ExportResult(out, meta, diff)
     if report if report is not None else bool(quantize):

@@ -111,6 +111,11 @@ def summary_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
     if test_acc is not None:
         extra = f", macro F1 {test['macro_f1']:.3f}" if isinstance(test.get("macro_f1"), (int, float)) else ""
         out.append(("test accuracy", f"{_pct(test_acc)}{extra}"))
+    if isinstance(test.get("cer"), (int, float)):  # a sequence run: accuracy above is whole rows right
+        out.append(("test CER / length accuracy", f"{_pct(test['cer'])} / {_pct(test.get('length_accuracy'))}"))
+        touching = test.get("touching") or {}
+        if touching.get("count"):
+            out.append(("test, touching digits", f"{_pct(touching.get('sequence_accuracy'))} of {touching['count']}"))
     if isinstance(summ.get("test_loss"), (int, float)):
         out.append(("test loss", f"{summ['test_loss']:.4f}"))
     if isinstance(summ.get("wall_time_s"), (int, float)):

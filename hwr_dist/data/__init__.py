@@ -191,12 +191,24 @@ DATASETS: dict[str, Source] = {
 }
 
 
+# Data sets of rows of characters (the sequence task): built by hwr_dist.tasks.sequence.load_data.
+SEQUENCES: dict[str, str] = {
+    "digit-strings": "numbers composed from a digit data set's digits, touching ones too (data.strings.*)",
+    "textlines": "your own line images: data.root/labels.tsv (file<TAB>text), optional train/ val/ test/",
+}
+
+
 def check_config(cfg) -> None:
     """The data section: the registry's names and each value's range (config.py knows no registry)."""
     from hwr_dist.config import check, one_of
 
     d, a = cfg.data, cfg.data.augment
-    one_of("data.name", d.name, DATASETS)
+    one_of("data.name", d.name, {**DATASETS, **SEQUENCES})
+    if d.name == "digit-strings":
+        from hwr_dist.data.digit_strings import check_settings
+
+        one_of("data.strings.source", d.strings.source, DATASETS)
+        check_settings(d.strings)
     check(0 <= d.val_fraction < 1, "data.val_fraction", "a number in [0, 1)", d.val_fraction)
     check(d.limit_per_class is None or (type(d.limit_per_class) is int and d.limit_per_class > 0),
           "data.limit_per_class", "a positive integer (training images per class) or null (all of them)",
@@ -214,3 +226,4 @@ def load_dataset(name: str, root: str | Path, download: bool = False) -> Bundle:
     if name not in DATASETS:
         raise HwrError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     return DATASETS[name].load(Path(root), download)
+

@@ -69,6 +69,9 @@ class DeviceData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Stored images are the same every epoch (composed data sets draw afresh here)."""
+
     def batch(self, idx: torch.Tensor, g: torch.Generator | None = None, aug=None):
         """(normalised float images [B, 1, H, W], labels) for the given indices."""
         idx = idx.to(self.images.device, non_blocking=True)
@@ -76,6 +79,17 @@ class DeviceData:
         if aug is not None and aug.enabled:
             x = augment(x, g, aug)
         return x.sub_(self.mean).div_(self.std), self.labels[idx]
+
+
+@dataclass
+class Data:
+    """A run's three splits on its device. `classes`: the class names, or a sequence task's alphabet;
+    the splits are DeviceData, or for sequences LineData / DigitStrings (the same `batch` face)."""
+
+    classes: list[str]
+    train: DeviceData
+    val: DeviceData
+    test: DeviceData
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,10 @@ MNIST was made from bilevel NIST scans: each character was scaled (anti-aliased,
 so that its longer side is 20 pixels, then put in a 28x28 field with its centre of mass at the
 centre. `mnist_style` binarises the photo and repeats those steps, so a user's own images look
 like the training data (ink white on black).
+
+Sequence models (CRNN) read a whole number or line of text instead: `line_image` binarises the
+same way, crops the ink and scales it, aspect kept, to sit in the model's input height as the
+training lines' ink sat (`LineLayout`, from the run's config by `line_layout`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ ROW_SPECK = 0.005  # in a row, parts this small next to the largest cannot even 
 ROW_SMALL = 0.1  # in a row, characters below this fraction of the median one are specks
 MERGE_OVERLAP = 0.5  # parts overlapping in x by this fraction of the narrower one are one character
 BOX, FIELD = 20, 28
+LINE_MARGIN = 2  # blank columns either side of a line's ink (and rows, for text lines): as digit strings'
+MAX_LINE_WIDTH = 8192  # wider, a line is a stroke across the page rather than text: crop the photo
 HIGH_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 
@@ -88,14 +94,63 @@ def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
 
 def mnist_style(img: Image.Image, name: str = "the image") -> torch.Tensor:
     """uint8 [28, 28], ink white on black, made the way MNIST was made; `name` is for the error."""
+    return torch.from_numpy(_centre(_fit_box(_ink_crop(img, SPECK, name))))
+
+
+@dataclass(frozen=True)
+class LineLayout:
+    """Where the ink of a line sits in a sequence model's input: `height` rows, of which the ink's
+    bounding box fills the middle `ink` share, and `margin` blank columns at both ends."""
+
+    height: int
+    ink: float
+    margin: int = LINE_MARGIN
+
+
+def line_layout(cfg) -> LineLayout:
+    """The layout of a sequence run's training lines (cfg: its Config).
+
+    Digit strings: the output height spans the band of the largest digit's field shifted either
+    way (`digit_strings.Geometry`), and a string's ink spans about its tallest digit (MNIST's BOX
+    pixels at the largest scale) plus the spread of the shifts. Text lines are the user's own
+    scans, scaled whole: taken as cropped to the text, with LINE_MARGIN blank rows above and below.
+    """
+    s = cfg.data.strings
+    if cfg.data.name == "textlines":
+        return LineLayout(s.height, 1 - 2 * LINE_MARGIN / s.height)
+    from hwr_dist.data.digit_strings import MARGIN, Geometry
+
+    return LineLayout(s.height, min(1.0, (BOX * s.scale[1] + s.jitter) / Geometry.of(s).band), MARGIN)
+
+
+def line_image(img: Image.Image, layout: LineLayout, name: str = "the image") -> torch.Tensor:
+    """uint8 [layout.height, W], ink white on black: a photo or scan of a number or a line of text as
+    a sequence model saw lines in training. The ink (specks dropped, as in a row of `segment_row`)
+    is cropped, scaled with its aspect kept so that it fills `layout.ink` of the height, centred
+    in it, with `layout.margin` blank columns either side."""
+    crop = _ink_crop(img, ROW_SPECK, name)
+    rows = max(1, round(layout.ink * layout.height))
+    scale = rows / crop.shape[0]
+    width = round(crop.shape[1] * scale) + 2 * layout.margin
+    if width > MAX_LINE_WIDTH:
+        raise HwrError(f"{name}: its ink is {crop.shape[1] / crop.shape[0]:.0f} times as wide as it is tall, a "
+                       f"line {width} pixels wide at height {layout.height}; crop the image to the text")
+    ink = _scale(crop, scale)
+    line = np.zeros((layout.height, ink.shape[1] + 2 * layout.margin), np.uint8)
+    top = (layout.height - ink.shape[0]) // 2
+    line[top:top + ink.shape[0], layout.margin:layout.margin + ink.shape[1]] = ink
+    return torch.from_numpy(line)
+
+
+def _ink_crop(img: Image.Image, speck: float, name: str) -> np.ndarray:
+    """The ink mask cropped to its bounding box, without parts smaller than `speck` times the largest."""
     mask = _binarise(_gray(img))
     if not mask.any():
         raise HwrError(_no_ink(name))
     comps = _components(mask)
-    mask = _wanted(comps, np.flatnonzero(comps.area >= SPECK * comps.area.max()))[comps.labels]
+    mask = _wanted(comps, np.flatnonzero(comps.area >= speck * comps.area.max()))[comps.labels]
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return torch.from_numpy(_centre(_fit_box(crop)))
+    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 def segment_row(img: Image.Image, name: str = "the image") -> list[Image.Image]:
@@ -266,8 +321,12 @@ def _wanted(comps: _Components, ids: np.ndarray) -> np.ndarray:
 
 def _fit_box(crop: np.ndarray) -> np.ndarray:
     """Scale the ink so that its longer side is BOX pixels, anti-aliased, aspect kept."""
+    return _scale(crop, BOX / max(crop.shape))
+
+
+def _scale(crop: np.ndarray, scale: float) -> np.ndarray:
+    """A boolean ink mask scaled by `scale` on both axes, anti-aliased: uint8 levels, 255 for solid ink."""
     h, w = crop.shape
-    scale = BOX / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     # BOX averages pixel areas when shrinking (MNIST's anti-aliasing); bilinear avoids blocks when enlarging.
     resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR

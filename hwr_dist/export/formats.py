@@ -2,11 +2,14 @@
 
 * ``torchscript``: a traced TorchScript module; the contract is the ``_extra_files`` entry
   ``hwr_meta.json``.
-* ``onnx``: an ONNX graph (opset 17, batch axis dynamic), checked with ``onnx.checker`` and run
-  once in onnxruntime against PyTorch; the contract is in ``metadata_props`` (one key per field,
+* ``onnx``: an ONNX graph (opset 17; the batch axis dynamic, and a line's width for sequence
+  models), checked with ``onnx.checker``; the contract is in ``metadata_props`` (one key per field,
   values JSON-encoded).
 * ``state-dict``: ``{"meta": contract, "config": run config, "state_dict": weights}``, plain
   tensors and primitives only, so it loads with ``torch.load(..., weights_only=True)``.
+
+Every file is loaded back and run against PyTorch (`verify`): a classifier on a batch it was not
+traced with, a sequence model at two widths it was not traced with.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from torch import nn
 
 from hwr_dist.data.loader import normalise
 from hwr_dist.errors import HwrError
-from hwr_dist.export.contract import INPUT_NAME, META_FILE, OUTPUT_NAME, example_input
+from hwr_dist.export.contract import (CHECK_WIDTHS, INPUT_NAME, META_FILE, OUTPUT_NAME, dynamic_axes, example_input,
+                                      is_sequence, output_shape)
 from hwr_dist.export.quantize import quantize_dynamic_linear, quantize_onnx_dynamic, quiet_exporters
 from hwr_dist.files import atomic_path
 
@@ -38,7 +42,7 @@ class Exported:
     path: Path
     format: str
     meta: dict[str, Any]
-    run: Callable[[torch.Tensor], torch.Tensor]  # normalised float32 [N, 1, 28, 28] -> logits [N, C]
+    run: Callable[[torch.Tensor], torch.Tensor]  # normalised float32 images -> logits (contract.py: the shapes)
     config: dict[str, Any] | None = None  # the run's config; only state-dict exports carry it
 
     @property
@@ -171,7 +175,7 @@ def _write_onnx(trained, model: nn.Module, quantize: bool, meta: dict[str, Any],
         with torch.no_grad():
             torch.onnx.export(model, (example_input(trained, 2),), str(plain), dynamo=False, opset_version=OPSET,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                              dynamic_axes=dynamic_axes(is_sequence(trained)))
         if quantize:
             quantize_onnx_dynamic(plain, Path(tmp) / "int8.onnx")
             plain = Path(tmp) / "int8.onnx"
@@ -186,20 +190,27 @@ def _write_onnx(trained, model: nn.Module, quantize: bool, meta: dict[str, Any],
 
 
 def verify(trained, exported: Exported, reference: nn.Module | None) -> float | None:
-    """Run the file on a batch of 5 (not the batch of 2 it was traced with) and compare with PyTorch."""
-    x = example_input(trained, 5, seed=1)
-    got = exported.run(x)
-    if tuple(got.shape) != (5, len(trained.classes)):
-        raise HwrError(f"{exported.path} returned shape {tuple(got.shape)} for a batch of 5, "
-                       f"expected (5, {len(trained.classes)}); the export is broken")
-    if not torch.isfinite(got).all():
-        raise HwrError(f"{exported.path} returned non-finite outputs; the export is broken")
-    if reference is None:
-        return None
-    with torch.no_grad():
-        want = reference(x)
-    diff = float((got - want).abs().max())
-    if diff > 1e-4 * max(1.0, float(want.abs().max())):
-        raise HwrError(f"{exported.path} differs from the PyTorch model by {diff:.2e} on the same input; "
-                       "the export is broken")
-    return diff
+    """Run the file on a batch of 5 (not the batch of 2 it was traced with; a sequence model's at each
+    of CHECK_WIDTHS, not the width it was traced with) and compare with PyTorch: the largest difference."""
+    sequence = is_sequence(trained)
+    diffs = []
+    for width in CHECK_WIDTHS if sequence else CHECK_WIDTHS[:1]:  # a classifier's input has no width
+        x = example_input(trained, 5, seed=1, width=width)
+        at = f" at width {width}" if sequence else ""
+        got = exported.run(x)
+        want_shape = output_shape(trained, 5, width)
+        if tuple(got.shape) != want_shape:
+            raise HwrError(f"{exported.path} returned shape {tuple(got.shape)} for a batch of 5{at}, "
+                           f"expected {want_shape}; the export is broken")
+        if not torch.isfinite(got).all():
+            raise HwrError(f"{exported.path} returned non-finite outputs{at}; the export is broken")
+        if reference is None:
+            continue
+        with torch.no_grad():
+            want = reference(x)
+        diff = float((got - want).abs().max())
+        if diff > 1e-4 * max(1.0, float(want.abs().max())):
+            raise HwrError(f"{exported.path} differs from the PyTorch model by {diff:.2e} on the same input{at}; "
+                           "the export is broken")
+        diffs.append(diff)
+    return max(diffs) if diffs else None

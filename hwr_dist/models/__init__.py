@@ -8,11 +8,13 @@ the loop asks `isinstance(model, FineTunable)` and never looks for attributes by
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 from torch import nn
 
 from hwr_dist.errors import HwrError
+from hwr_dist.models.crnn import HEADS, build_crnn, init_from
 from hwr_dist.models.cnn import build_cnn_bn, build_fast_cnn, build_lenet5, build_small_cnn
 from hwr_dist.models.pretrained import build_vgg, check_cnn_weights, check_vgg_config, check_weights, load_cnn_weights
 from hwr_dist.models.state import load_model_state, mismatch  # noqa: F401  (the package's face)
@@ -42,6 +44,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn_bn": build_cnn_bn,
     "fast_cnn": build_fast_cnn,
     "vgg": build_vgg,
+    "crnn": build_crnn,
 }
 
 
@@ -51,7 +54,9 @@ def build_model(cfg, num_classes: int, pretrained: bool = True) -> nn.Module:
     if cfg.name == "vgg":
         return build_vgg(cfg, num_classes, pretrained)
     model = MODELS[cfg.name](cfg, num_classes)
-    if pretrained and cfg.weights != "none":
+    if pretrained and cfg.name == "crnn" and cfg.init_from:
+        init_from(model, cfg.init_from)
+    elif pretrained and cfg.weights != "none":
         load_cnn_weights(model, cfg.weights)
     return model
 
@@ -71,6 +76,18 @@ def check_config(cfg) -> None:
     if m.name == "vgg":
         check_vgg_config(cfg)
         return
+    if m.init_from and m.name != "crnn":
+        raise HwrError(f"model.init_from starts a CRNN's conv layers; model.name={m.name} starts from "
+                       "model.weights instead")
+    if m.name == "crnn":
+        one_of("model.encoder", m.encoder, {"lstm", "transformer"})
+        check(0 < m.hidden <= 4096, "model.hidden", "an integer in 1..4096", m.hidden)
+        check(0 < m.layers <= 16, "model.layers", "an integer in 1..16", m.layers)
+        check(m.encoder != "transformer" or m.hidden % HEADS == 0, "model.hidden",
+              f"a multiple of {HEADS} (the transformer's attention heads)", m.hidden)
+        if m.weights != "none" or m.freeze != "none":
+            raise HwrError("model.name=crnn starts from a digit classifier with model.init_from=CHECKPOINT, "
+                           "not model.weights or model.freeze")
     check_cnn_weights(m)
     if m.trainable_blocks:
         raise HwrError(f"model.trainable_blocks counts VGG's conv blocks; model.name={m.name} freezes its whole "
@@ -79,8 +96,12 @@ def check_config(cfg) -> None:
         raise HwrError("model.unfreeze_after_epochs needs model.freeze=features")
     if m.name == "fast_cnn":
         one_of("model.head", m.head, {"linear", "mlp"})
+        one_of("model.stem", m.stem, {"pool", "stride2"})
 
 
 def preflight(model_cfg) -> None:
     """Fail before any data is loaded when the model's starting weights cannot be had."""
+    if model_cfg.init_from not in ("", "builtin") and not Path(model_cfg.init_from).exists():
+        raise HwrError(f"model.init_from: {model_cfg.init_from} does not exist; give a digit classifier's "
+                       "checkpoint (a .pt file or its run directory)")
     check_weights(model_cfg)

@@ -140,8 +140,11 @@ def build_fast_cnn(cfg, num_classes: int) -> nn.Module:
     features = 2 * w * 7 * 7
     head = ([nn.Linear(features, 128), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout), nn.Linear(128, num_classes)]
             if cfg.head == "mlp" else [nn.Dropout(cfg.dropout), nn.Linear(features, num_classes)])
+    # The stride-2 stem skips the full-resolution batch norm, ReLU and pooling, most of the first stage's cost.
+    stem = ([nn.Conv2d(1, w, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if cfg.stem == "stride2" else [*_conv_bn(1, w), nn.MaxPool2d(2)])
     return _net([
-        *_conv_bn(1, w), nn.MaxPool2d(2),
+        *stem,
         *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
         nn.Flatten(),
         *head,

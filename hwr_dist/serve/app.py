@@ -107,6 +107,10 @@ class Service:
         started = time.perf_counter()
         images = await read_images(request, self.limits, batch)
         loop = asyncio.get_running_loop()
+        if self.served.read_line is not None:  # a sequence model reads each image as one line, whatever `segment`
+            jobs = [loop.run_in_executor(self.pool, read_number, self.served, data, name, include_input)
+                    for name, data in images]
+            return list(await asyncio.gather(*jobs)), round((time.perf_counter() - started) * 1000, 2)
         self.batcher.announce()
         try:
             jobs = [loop.run_in_executor(self.pool, prepare, data, segment, name) for name, data in images]
@@ -182,20 +186,40 @@ async def index(request: Request):
                                                          "Cache-Control": "no-cache"})
 
 
-def prepare(data: bytes, segment: bool, name: str) -> torch.Tensor:
-    """Decode and preprocess one image (on the preprocessing pool): uint8 [K, 28, 28]."""
+def decode(data: bytes, name: str) -> Image.Image:
     try:
-        img = decode_image(data, name)
+        return decode_image(data, name)
     except ImageTooLarge as e:
         raise ApiError(413, str(e)) from None
     except HwrError as e:
         raise ApiError(400, str(e)) from None
     except Exception as e:  # noqa: BLE001 - a decoder failing in a way PIL does not document is a bad image too
         raise ApiError(400, f"{name} could not be decoded ({type(e).__name__}); send a PNG or JPEG") from None
+
+
+def prepare(data: bytes, segment: bool, name: str) -> torch.Tensor:
+    """Decode and preprocess one image (on the preprocessing pool): uint8 [K, 28, 28]."""
+    img = decode(data, name)
     try:
         return characters(img, segment, name)
     except HwrError as e:  # decoded, but nothing to read: no ink, no characters
         raise ApiError(422, str(e)) from None
+
+
+def read_number(served: ServedModel, data: bytes, name: str, include_input: bool) -> dict:
+    """A sequence model's answer for one image (on the pool: lines differ in width, so they are not batched)."""
+    from hwr_dist.data.preprocess import line_image
+
+    img = decode(data, name)
+    try:
+        line = line_image(img, served.layout, name)
+    except HwrError as e:  # decoded, but nothing to read
+        raise ApiError(422, str(e)) from None
+    read = served.read_line(line)
+    item = {"prediction": read["text"], "probability": read["probability"], "top": None}
+    if include_input:
+        item["input"] = [png_data_url(line)]
+    return item
 
 
 def png_data_url(image: torch.Tensor) -> str:

@@ -30,6 +30,9 @@ class ServedModel:
     input: dict[str, Any]
     training: dict[str, Any]
     quantization: dict[str, Any] | None = field(default=None)
+    read_line: Callable[[torch.Tensor], dict] | None = None
+    """A sequence model's reader: uint8 line [height, W] -> {"text", "probability"}; None for a classifier."""
+    layout: Any = None  # a sequence model's preprocess.LineLayout
 
 
 def load_model(path: str | Path, threads: int | None = None) -> ServedModel:
@@ -42,9 +45,17 @@ def load_model(path: str | Path, threads: int | None = None) -> ServedModel:
         raise HwrError(f"model {path} not found; pass a checkpoint (.pt), a run directory, "
                        "or an export (.onnx, .torchscript.pt)")
     m = load_any(path, threads)
+    read_line, contract = None, input_contract(m.mean, m.std)
+    if m.task == "sequence":
+        from hwr_dist.commands.predict import reading
+
+        def read_line(line: torch.Tensor) -> dict:
+            return reading(m.line_logits(line), m.classes, None, None)
+
+        contract = line_contract(m.layout, m.mean, m.std)
     return ServedModel(m.probabilities, list(m.classes), m.source, model_id(m.architecture, m.path), m.architecture,
-                       m.path.name, input_contract(m.mean, m.std), training_summary(m.run_dir, m.data_set),
-                       m.quantization)
+                       m.path.name, contract, training_summary(m.run_dir, m.data_set), m.quantization, read_line,
+                       m.layout)
 
 
 def model_id(architecture: str, path: Path) -> str:
@@ -61,6 +72,14 @@ def input_contract(mean: float, std: float) -> dict[str, Any]:
             "preprocess": "the image is binarised, the ink cropped and scaled so its longer side is 20 pixels, "
                           "centred by mass in 28x28 (MNIST-style, as `hwr predict`), then "
                           "float32 (p / 255 - mean) / std"}
+
+
+def line_contract(layout, mean: float, std: float) -> dict[str, Any]:
+    return {"task": "sequence", "shape": ["batch", 1, layout.height, "width"], "color": "grayscale",
+            "ink": "white on black", "mean": float(mean), "std": float(std),
+            "preprocess": f"the whole image is read as one line: its ink cropped, scaled to fill {layout.ink:.0%} "
+                          f"of {layout.height} rows keeping its aspect, {layout.margin} blank columns either side, "
+                          "then float32 (p / 255 - mean) / std; the answer is the text read (CTC)"}
 
 
 def training_summary(run_dir: Path | None, data_set: str | None) -> dict[str, Any]:

@@ -15,8 +15,10 @@ class Scored(BaseModel):
 
 class Prediction(BaseModel):
     prediction: str = Field(description="the top class; in number mode (segment=true) one per character, "
-                                        "left to right")
-    probability: float = Field(description="the top class's probability (number mode: the product over characters)")
+                                        "left to right; a sequence model (crnn) reads the whole image as one line "
+                                        "and answers the text")
+    probability: float = Field(description="the top class's probability (number mode: the product over characters; "
+                                         "a sequence model: the text's CTC probability)")
     top: Optional[list[Scored]] = Field(description="the top-k classes, most likely first (null in number mode)")
     characters: Optional[list[list[Scored]]] = Field(
         None, description="number mode only: the top-k classes of each character, left to right")

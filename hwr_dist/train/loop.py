@@ -12,7 +12,6 @@ import torch
 
 from hwr_dist import checkpoint
 from hwr_dist.errors import HwrError, TrainingDiverged
-from hwr_dist.evaluate import evaluate
 from hwr_dist.models import FineTunable
 from hwr_dist.train.distributed import rewrap_ddp
 from hwr_dist.train.optim import get_lr, set_lr
@@ -88,10 +87,8 @@ def train_step(run: Run, window: list[torch.Tensor], want_norm: bool) -> tuple[t
         sync = i == len(window) - 1
         with nullcontext() if sync else acc.no_sync(model):
             with acc.autocast():
-                logits = model(x, from_features=True) if cached else model(x)
-            # Divide by the window's real length: a short last window is scaled right.
-            loss = torch.nn.functional.cross_entropy(logits.float(), y,
-                                                     label_smoothing=cfg.optim.label_smoothing) / len(window)
+                # Divide by the window's real length: a short last window is scaled right.
+                loss = run.task.loss(model, x, y, cached) / len(window)
             acc.backward(loss)
         total += loss.detach()
     grad_norm = None
@@ -109,8 +106,10 @@ def train_step(run: Run, window: list[torch.Tensor], want_norm: bool) -> tuple[t
 
 
 def start_epoch(run: Run, epoch: int) -> None:
-    """The model's epoch hook (gradual unfreezing). When it changes which parameters train, DDP is
-    built anew (it registers the trainable parameters at construction) and cached features go."""
+    """The data's epoch (composed data draws afresh) and the model's epoch hook (gradual unfreezing).
+    When the hook changes which parameters train, DDP is built anew (it registers the trainable
+    parameters at construction) and cached features go."""
+    run.data.train.set_epoch(epoch)
     model = run.bare
     if not isinstance(model, FineTunable) or not model.on_epoch_start(epoch):
         return
@@ -180,14 +179,17 @@ def end_of_epoch(run: Run, epoch: int) -> bool:
         state.best_epoch = epoch
         run.tracker.log({"epoch": epoch + 1}, state.step)  # the epoch's end, in metrics.jsonl all the same
         return True
-    result = evaluate(eval_model(run), run.data.val, len(run.data.classes), run.cfg.data.eval_batch_size, run.acc)
+    if run.acc.num_processes > 1:  # batch-norm statistics are each rank's own: validate rank 0's, as saved
+        for buffer in run.bare.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    result = run.task.evaluate(eval_model(run), run.data.val, run.data.classes, run.cfg.data.eval_batch_size, run.acc)
     improved = result.accuracy >= state.best_accuracy  # a tie keeps the later, longer-trained epoch
     if improved:
         state.best_accuracy, state.best_epoch, state.bad_epochs = result.accuracy, epoch, 0
     else:
         state.bad_epochs += 1
-    run.tracker.log({"epoch": epoch + 1, "val_accuracy": result.accuracy, "val_loss": result.loss}, state.step)
-    run.display.print(f"epoch {epoch + 1}: val accuracy {result.accuracy:.2%} loss {result.loss:.4f}"
+    run.tracker.log({"epoch": epoch + 1, **result.metrics("val")}, state.step)
+    run.display.print(f"epoch {epoch + 1}: val {result.headline()} loss {result.loss:.4f}"
                       f"{' (best)' if improved else ''}")
     return improved
 

@@ -12,7 +12,6 @@ import time
 from hwr_dist import checkpoint
 from hwr_dist.config import Config
 from hwr_dist.errors import HwrError, TrainingDiverged, exit_on_error
-from hwr_dist.evaluate import EvalResult, evaluate, write_report
 from hwr_dist.train.loop import eval_model, train
 from hwr_dist.train.setup import Hooks, Run, describe, setup
 
@@ -23,26 +22,28 @@ def finish(run: Run, outcome: str, started: float) -> dict:
     """Final test evaluation (best weights by validation) with report files, on every rank."""
     model = eval_model(run)
     best = run.ckpt_dir / "best.pt"
+    if run.acc.num_processes > 1:
+        run.acc.wait_for_everyone()  # the main process has written best.pt: every rank tests the same weights
     if best.exists():  # the test split scores the weights picked by validation
         model.load_state_dict(checkpoint.eval_weights(checkpoint.load_checkpoint(best)))
-    result: EvalResult = evaluate(model, run.data.test, len(run.data.classes), run.cfg.data.eval_batch_size,
-                                  run.acc, worst_k=32)
+    result = run.task.evaluate(model, run.data.test, run.data.classes, run.cfg.data.eval_batch_size, run.acc,
+                               worst_k=32)
     wall = time.perf_counter() - started
-    summary = {"outcome": outcome, "test_accuracy": result.accuracy, "test_loss": result.loss,
+    summary = {"outcome": outcome, **result.metrics("test"),
                "best_val_accuracy": run.state.best_accuracy, "best_epoch": run.state.best_epoch + 1,
                "steps": run.state.step, "wall_time_s": wall}
     if run.acc.is_main_process:
         run.tracker.log({k: v for k, v in summary.items() if k != "outcome"}, run.state.step)
-        write_report(result, run.data.test, run.data.classes, run.run_dir, "test", run.display)
+        run.task.write_report(result, run.data.test, run.data.classes, run.run_dir, "test", run.display)
         report_dir = run.run_dir / "eval_test"
-        run.tracker.log_images({"test/confusion_matrix": report_dir / "confusion.png",
-                                "test/misclassified": report_dir / "worst.png"}, run.state.step)
+        images = {"test/confusion_matrix": report_dir / "confusion.png", "test/misclassified": report_dir / "worst.png"}
+        run.tracker.log_images({k: p for k, p in images.items() if p.exists()}, run.state.step)
         run.tracker.summary(summary)
         run.tracker.log_model(best, {k: v for k, v in summary.items() if k != "wall_time_s"})
-        run.display.final(f"{run.cfg.train.name}: {outcome}, test accuracy {result.accuracy:.2%}, "
+        run.display.final(f"{run.cfg.train.name}: {outcome}, test {result.headline()}, "
                           f"{run.state.step} steps, {wall:.1f} s, {run.run_dir}")
         run.display.table("summary", [
-            ("outcome", outcome), ("test accuracy", f"{result.accuracy:.2%}"),
+            ("outcome", outcome), ("test", result.headline()),
             ("best val accuracy", f"{run.state.best_accuracy:.2%} (epoch {run.state.best_epoch + 1})"),
             ("optimizer steps", str(run.state.step)), ("wall time", f"{wall:.1f} s"),
             ("run directory", str(run.run_dir))])

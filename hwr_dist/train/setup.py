@@ -16,24 +16,17 @@ from hwr_dist import checkpoint
 from hwr_dist.checkpoint import TrainState
 from hwr_dist.config import Config, check, one_of, to_yaml
 from hwr_dist.data import load_dataset, training_splits
-from hwr_dist.data.loader import DeviceData, ShardedBatches, pixel_stats
+from hwr_dist.data.loader import Data, DeviceData, ShardedBatches, pixel_stats
 from hwr_dist.display import Display
 from hwr_dist.errors import HwrError
 from hwr_dist.files import RunLock, atomic_write, remove_stale_temporaries
+from hwr_dist.tasks import Task, task_for, task_name
 from hwr_dist.models import FineTunable, build_model, load_model_state, preflight
 from hwr_dist.tracking import Tracker, apply_sweep_name, check_available, truncate_metrics
 from hwr_dist.train.distributed import make_accelerator, unwrapped
 from hwr_dist.train.feature_cache import FeatureCache, build_feature_cache
 from hwr_dist.train.optim import EMA, build_optimizer
 from hwr_dist.train.preempt import PREEMPTED_FILE, StopFlag
-
-
-@dataclass
-class Data:
-    classes: list[str]
-    train: DeviceData
-    val: DeviceData
-    test: DeviceData
 
 
 @dataclass
@@ -51,6 +44,7 @@ class Run:
     cfg: Config
     acc: "accelerate.Accelerator"  # noqa: F821
     run_dir: Path
+    task: Task
     data: Data
     batches: ShardedBatches
     model: torch.nn.Module
@@ -84,6 +78,10 @@ class Run:
 
 
 def load_data(cfg: Config, device, seed: int, world: int = 1) -> Data:
+    if task_name(cfg.data.name) == "sequence":
+        from hwr_dist.tasks.sequence import load_data as load_sequences
+
+        return load_sequences(cfg, device, seed, world)
     name = cfg.data.name
     bundle = load_dataset(name, cfg.data.root, cfg.data.download)
     train, val = training_splits(bundle, cfg.data, seed)
@@ -178,7 +176,7 @@ def check_config(cfg: Config) -> None:
 
 # Settings that decide the data order or the learning-rate schedule: a resume that changes them
 # mixes two runs, so it must be asked for (train.resume_changes=accept).
-RESUME_SENSITIVE = ("data.name", "data.batch_size", "data.val_fraction", "data.limit_per_class",
+RESUME_SENSITIVE = ("data.name", "data.batch_size", "data.val_fraction", "data.limit_per_class", "data.strings",
                     "train.seed", "train.epochs", "train.max_steps", "train.grad_accum_steps", "optim.lr",
                     "schedule.name", "schedule.warmup_fraction", "schedule.min_lr_ratio", "schedule.step_epochs",
                     "schedule.gamma")
@@ -214,7 +212,7 @@ def build_run(cfg: Config, quiet: bool, acc, run_dir: Path, stop: StopFlag, lock
     model, optimizer, ema = build_model_and_optimizer(cfg, acc, data, pretrained=ckpt is None)
     gen = torch.Generator(device=acc.device).manual_seed(seed * 7919 + rank)
     batches = ShardedBatches(len(data.train), cfg.data.batch_size, seed, rank, acc.num_processes, acc.device)
-    run = Run(cfg, acc, run_dir, data, batches, model, optimizer, ema, gen, TrainState(),
+    run = Run(cfg, acc, run_dir, task_for(cfg), data, batches, model, optimizer, ema, gen, TrainState(),
               Tracker(run_dir, acc.is_main_process, cfg), Display(acc.is_main_process, quiet), stop, lock)
     warning = restore(run, ckpt, source) if ckpt is not None else ""
     if acc.is_main_process:

@@ -1,0 +1,219 @@
+"""CTC for reading sequences: the loss, greedy and beam decoding, and the scores of a reading.
+
+Conventions: blank is id 0 and `alphabet[k]` is id k + 1; a model scores C = len(alphabet) + 1
+classes per frame, logits [B, T, C], batch first. Pure functions over tensors and strings: nothing
+here knows a model, a data set or a process group (scores travel between ranks as one tensor).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hwr_dist.errors import HwrError
+
+BLANK = 0
+WIDER = 8  # a pattern that no final beam matches: search again with this many times the beam
+
+Prefix = tuple[int, ...]
+
+
+def encode(texts: Sequence[str], alphabet: str) -> tuple[Tensor, Tensor]:
+    """Texts -> (ids of all texts concatenated, int64 [sum L]; lengths, int64 [B]): ctc_loss's targets."""
+    index = {ch: k + 1 for k, ch in enumerate(alphabet)}
+    try:
+        ids = [index[ch] for text in texts for ch in text]
+    except KeyError as e:
+        raise HwrError(f"character {e.args[0]!r} is not in the alphabet {alphabet!r}") from None
+    return torch.tensor(ids, dtype=torch.int64), torch.tensor([len(t) for t in texts], dtype=torch.int64)
+
+
+def to_text(ids: Iterable[int], alphabet: str) -> str:
+    return "".join(alphabet[i - 1] for i in ids)
+
+
+def ctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor, output_lengths: Tensor) -> Tensor:
+    """Mean over the batch of each sample's CTC loss divided by its target length (at least 1).
+
+    logits [B, T, C]; targets int64 [sum L] (ids >= 1, concatenated); lengths int64 [B]. The same
+    reduction as cross-entropy's mean, per character rather than per image, so the gradient of equal
+    micro-batches accumulated (each loss / steps) and of equal per-rank batches averaged by DDP is
+    that of one large batch. Float32 whatever the autocast dtype (CTC sums probabilities over every
+    alignment); an impossible alignment (more characters than frames allow) counts zero, not inf.
+    """
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, B, C], as F.ctc_loss wants it
+    per_sample = F.ctc_loss(log_probs, targets, output_lengths, target_lengths, blank=BLANK,
+                            reduction="none", zero_infinity=True)
+    return (per_sample / target_lengths.clamp(min=1).to(per_sample)).mean()
+
+
+def greedy_decode(logits: Tensor, output_lengths: Tensor) -> list[list[int]]:
+    """Best class per frame, repeats collapsed, blanks dropped, each sample's first
+    output_lengths[i] frames only: ids per sample."""
+    best = logits.argmax(-1)  # [B, T]
+    new = torch.ones_like(best, dtype=torch.bool)
+    new[:, 1:] = best[:, 1:] != best[:, :-1]
+    inside = torch.arange(best.shape[1], device=best.device) < output_lengths.to(best.device)[:, None]
+    keep = (new & (best != BLANK) & inside).cpu()
+    return [row[k].tolist() for row, k in zip(best.cpu(), keep)]
+
+
+def _logadd(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
+
+
+def _prefix_search(log_probs: list[list[float]], beam: int,
+                   viable: Callable[[Prefix], bool] | None) -> list[tuple[Prefix, float]]:
+    """CTC prefix beam search: the `beam` best label sequences, each with the log probability of all
+    the paths that read as it, best first. `viable` prunes prefixes that cannot lead to an answer."""
+    # prefix -> (log P of the paths ending in blank, log P of those ending in the prefix's last label)
+    beams: dict[Prefix, tuple[float, float]] = {(): (0.0, -math.inf)}
+    classes = range(1, len(log_probs[0])) if log_probs else range(0)
+    for frame in log_probs:
+        labels = heapq.nlargest(beam, classes, key=frame.__getitem__)  # only these can make a top-beam extension
+        grown: dict[Prefix, tuple[float, float]] = {}
+        for prefix, (p_blank, p_label) in beams.items():
+            total = _logadd(p_blank, p_label)
+            b, n = grown.get(prefix, (-math.inf, -math.inf))
+            b = _logadd(b, total + frame[BLANK])
+            if prefix:  # the last label again, with no blank between: the same prefix
+                n = _logadd(n, p_label + frame[prefix[-1]])
+            grown[prefix] = (b, n)
+            for c in labels:
+                longer = prefix + (c,)
+                if viable is not None and not viable(longer):
+                    continue
+                # a label equal to the last one starts a new character only after a blank
+                via = p_blank if prefix and c == prefix[-1] else total
+                b, n = grown.get(longer, (-math.inf, -math.inf))
+                grown[longer] = (b, _logadd(n, via + frame[c]))
+        beams = dict(heapq.nlargest(beam, grown.items(), key=lambda kv: _logadd(*kv[1])))
+    return sorted(((p, _logadd(*s)) for p, s in beams.items()), key=lambda ps: -ps[1])
+
+
+def _partial_matcher(pattern: str, alphabet: str) -> Callable[[Prefix], bool] | None:
+    """Whether a prefix's text can still grow into a full match: needs the `regex` package's partial
+    matching; without it (the standard library has none) the search does not prune."""
+    try:
+        import regex
+    except ImportError:
+        return None
+    compiled = regex.compile(pattern)
+    return lambda prefix: compiled.fullmatch(to_text(prefix, alphabet), partial=True) is not None
+
+
+def beam_decode(log_probs: Tensor, alphabet: str, beam: int = 16, pattern: str | None = None) -> str:
+    """The most probable text of one sample, log_probs [T, C] (logits work too: they are normalised
+    here), by CTC prefix beam search, which sums the probability of every path that reads the same.
+
+    `pattern`, a regular expression over the text (e.g. r"\\d{5}"): the most probable text that
+    fullmatches it among the final beams, pruning prefixes that cannot match as it goes when the
+    `regex` package is installed; if no final beam matches, among those of a search WIDER times as
+    wide; if still none, the unconstrained best text. The caller may check the answer against the
+    pattern to tell the two apart.
+    """
+    lp = log_probs.detach().float().log_softmax(-1).cpu().tolist()
+    if pattern is None:
+        return to_text(_prefix_search(lp, beam, None)[0][0], alphabet)
+    try:
+        full = re.compile(pattern)
+    except re.error as e:
+        raise HwrError(f"pattern {pattern!r} is not a regular expression ({e})") from None
+    viable = _partial_matcher(pattern, alphabet)
+    first = _prefix_search(lp, beam, viable)
+    text = _first_match(first, full, alphabet)
+    if text is None:
+        text = _first_match(_prefix_search(lp, beam * WIDER, viable), full, alphabet)
+    if text is None:  # pruned beams hold only prefixes of matches: search again without the pattern
+        text = to_text((first if viable is None else _prefix_search(lp, beam, None))[0][0], alphabet)
+    return text
+
+
+def _first_match(hypotheses: list[tuple[Prefix, float]], full: re.Pattern, alphabet: str) -> str | None:
+    return next((t for p, _ in hypotheses if full.fullmatch(t := to_text(p, alphabet))), None)
+
+
+# --- scores ----------------------------------------------------------------------------------
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions turning a into b."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+    return row[-1]
+
+
+@dataclass
+class Reading:
+    """One sample's reading, for a list of the worst."""
+
+    index: int
+    truth: str
+    reading: str
+    distance: int
+
+
+@dataclass
+class SequenceScores:
+    """Counts over readings; sums, so ranks add theirs up (`as_tensor`, all-reduce, `from_tensor`)."""
+
+    edits: int = 0  # edit distances, summed
+    chars: int = 0  # characters of the truths, summed
+    exact: int = 0  # readings equal to their truth
+    same_length: int = 0  # readings as long as their truth
+    count: int = 0
+
+    def add(self, truth: str, reading: str, index: int = -1) -> Reading:
+        d = edit_distance(truth, reading)
+        self.edits += d
+        self.chars += len(truth)
+        self.exact += d == 0
+        self.same_length += len(reading) == len(truth)
+        self.count += 1
+        return Reading(index, truth, reading, d)
+
+    def merge(self, other: SequenceScores) -> SequenceScores:
+        return SequenceScores(*(a + b for a, b in zip(self.counts(), other.counts())))
+
+    def counts(self) -> tuple[int, int, int, int, int]:
+        return self.edits, self.chars, self.exact, self.same_length, self.count
+
+    @property
+    def cer(self) -> float:
+        """Character error rate: edit distances over truth characters."""
+        return self.edits / max(self.chars, 1)
+
+    @property
+    def sequence_accuracy(self) -> float:
+        return self.exact / max(self.count, 1)
+
+    @property
+    def length_accuracy(self) -> float:
+        return self.same_length / max(self.count, 1)
+
+    def as_tensor(self, device: torch.device | str = "cpu") -> Tensor:
+        """float64 [5] (exact for counts below 2**53), to sum across ranks."""
+        return torch.tensor(self.counts(), dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> SequenceScores:
+        return cls(*(int(round(v)) for v in t.tolist()))
+
+
+def worst_readings(readings: Iterable[Reading], n: int) -> list[Reading]:
+    """The n wrong readings farthest from their truth (ties: the lower index first)."""
+    return heapq.nsmallest(n, (r for r in readings if r.distance), key=lambda r: (-r.distance, r.index))
