@@ -116,7 +116,7 @@ class ModelConfig:
     unfreeze_after_epochs: int = 0
     """freeze=features: from this epoch on the whole network trains (0 = never)."""
     backbone_lr_scale: float = 1.0
-    """Learning rate of the backbone relative to the head's (fine-tuning)."""
+    """Learning rate of the backbone relative to the head's (fine-tuning; crnn: the conv stack against the rest)."""
     cache_features: str = "auto"
     """vgg: compute frozen backbone features once and train the head on them: auto, on or off."""
     encoder: str = "lstm"

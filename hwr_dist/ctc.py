@@ -19,6 +19,11 @@ from torch import Tensor
 
 from hwr_dist.errors import HwrError
 
+try:  # the standard library's regular-expression parser (Python 3.11: re._parser)
+    import re._parser as _sre
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre
+
 BLANK = 0
 WIDER = 8  # a pattern that no final beam matches: search again with this many times the beam
 
@@ -74,11 +79,14 @@ def _logadd(a: float, b: float) -> float:
 
 
 def _prefix_search(log_probs: list[list[float]], beam: int,
-                   viable: Callable[[Prefix], bool] | None) -> list[tuple[Prefix, float]]:
+                   pattern: PatternAutomaton | None) -> list[tuple[Prefix, float]]:
     """CTC prefix beam search: the `beam` best label sequences, each with the log probability of all
-    the paths that read as it, best first. `viable` prunes prefixes that cannot lead to an answer."""
+    the paths that read as it, best first. With a `pattern`, prefixes that cannot grow into a match
+    are dropped, and each pattern state keeps its best prefix even outside the top `beam`: a reading
+    that completes the pattern survives beside likelier ones that stop short of it."""
     # prefix -> (log P of the paths ending in blank, log P of those ending in the prefix's last label)
     beams: dict[Prefix, tuple[float, float]] = {(): (0.0, -math.inf)}
+    states: dict[Prefix, frozenset] = {(): pattern.start} if pattern is not None else {}
     classes = range(1, len(log_probs[0])) if log_probs else range(0)
     for frame in log_probs:
         labels = heapq.nlargest(beam, classes, key=frame.__getitem__)  # only these can make a top-beam extension
@@ -92,56 +100,171 @@ def _prefix_search(log_probs: list[list[float]], beam: int,
             grown[prefix] = (b, n)
             for c in labels:
                 longer = prefix + (c,)
-                if viable is not None and not viable(longer):
-                    continue
+                if pattern is not None:
+                    state = pattern.step(states[prefix], c)
+                    if not state:
+                        continue
+                    states[longer] = state
                 # a label equal to the last one starts a new character only after a blank
                 via = p_blank if prefix and c == prefix[-1] else total
                 b, n = grown.get(longer, (-math.inf, -math.inf))
                 grown[longer] = (b, _logadd(n, via + frame[c]))
-        beams = dict(heapq.nlargest(beam, grown.items(), key=lambda kv: _logadd(*kv[1])))
+        ranked = sorted(grown.items(), key=lambda kv: -_logadd(*kv[1]))
+        keep = dict(ranked[:beam])
+        if pattern is not None:
+            seen = {states[p] for p in keep}
+            for prefix, score in ranked[beam:]:
+                if states[prefix] not in seen:
+                    seen.add(states[prefix])
+                    keep[prefix] = score
+        beams = keep
     return sorted(((p, _logadd(*s)) for p, s in beams.items()), key=lambda ps: -ps[1])
 
 
-def _partial_matcher(pattern: str, alphabet: str) -> Callable[[Prefix], bool] | None:
-    """Whether a prefix's text can still grow into a full match: needs the `regex` package's partial
-    matching; without it (the standard library has none) the search does not prune."""
-    try:
-        import regex
-    except ImportError:
-        return None
-    compiled = regex.compile(pattern)
-    return lambda prefix: compiled.fullmatch(to_text(prefix, alphabet), partial=True) is not None
+class PatternAutomaton:
+    """A regular expression over the text as an automaton over label ids, for the constrained beam.
+
+    Built from the standard library's own parse of the pattern (Thompson's construction): literals,
+    classes (`[0-9]`, `\\d`, `\\w`, `\\s`, negations), `.`, groups, `|` and every repeat. A state is the
+    set of automaton nodes a prefix can be in; the empty set means no match can follow.
+    """
+
+    def __init__(self, pattern: str, alphabet: Sequence[str]):
+        try:
+            parsed = _sre.parse(pattern)
+        except re.error as e:
+            raise HwrError(f"pattern {pattern!r} is not a regular expression ({e})") from None
+        self.alphabet = list(alphabet)
+        self.eps: list[list[int]] = [[]]
+        self.edges: list[list[tuple[frozenset, int]]] = [[]]
+        self.accept = self._build(list(parsed), 0, pattern)
+        self.start = self._closure({0})
+        self._steps: dict[tuple[frozenset, int], frozenset] = {}
+
+    def _node(self) -> int:
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def _labels(self, test: Callable[[str], bool]) -> frozenset:
+        return frozenset(k + 1 for k, ch in enumerate(self.alphabet) if test(ch))
+
+    def _edge(self, at: int, labels: frozenset) -> int:
+        to = self._node()
+        self.edges[at].append((labels, to))
+        return to
+
+    def _build(self, items: list, at: int, pattern: str) -> int:
+        """Nodes for a parsed sequence from node `at`; returns its end node."""
+        c = _sre
+        for op, av in items:
+            if op is c.LITERAL:
+                at = self._edge(at, self._labels(lambda ch, v=av: ord(ch) == v))
+            elif op is c.NOT_LITERAL:
+                at = self._edge(at, self._labels(lambda ch, v=av: ord(ch) != v))
+            elif op is c.ANY:
+                at = self._edge(at, self._labels(lambda ch: ch != "\n"))
+            elif op is c.IN:
+                at = self._edge(at, self._labels(_class_test(av, pattern)))
+            elif op is c.SUBPATTERN:
+                at = self._build(list(av[-1]), at, pattern)
+            elif op is c.BRANCH:
+                end = self._node()
+                for alternative in av[1]:
+                    self.eps[self._build(list(alternative), at, pattern)].append(end)
+                at = end
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT)):
+                lo, hi, body = av
+                for _ in range(lo):
+                    at = self._build(list(body), at, pattern)
+                if hi == c.MAXREPEAT:  # a loop: the body again and again, or leave
+                    loop = self._node()
+                    self.eps[at].append(loop)
+                    self.eps[self._build(list(body), loop, pattern)].append(loop)
+                    at = loop
+                else:
+                    end = self._node()
+                    for _ in range(hi - lo):
+                        self.eps[at].append(end)
+                        at = self._build(list(body), at, pattern)
+                    self.eps[at].append(end)
+                    at = end
+            elif op is c.AT:  # ^, $, \A, \Z: the pattern is matched whole anyway
+                continue
+            else:
+                raise HwrError(f"pattern {pattern!r} uses {str(op).lower()}, which the constrained search cannot "
+                               "follow; use characters, classes, groups, | and repeats (e.g. '\\d{5}')")
+        return at
+
+    def _closure(self, nodes: set[int]) -> frozenset:
+        todo, seen = list(nodes), set(nodes)
+        while todo:
+            for nxt in self.eps[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return frozenset(seen)
+
+    def step(self, state: frozenset, label: int) -> frozenset:
+        key = (state, label)
+        if key not in self._steps:
+            self._steps[key] = self._closure({to for n in state for labels, to in self.edges[n] if label in labels})
+        return self._steps[key]
+
+    def run(self, prefix: Prefix) -> frozenset:
+        state = self.start
+        for label in prefix:
+            state = self.step(state, label)
+        return state
+
+    def accepts(self, prefix: Prefix) -> bool:
+        return self.accept in self.run(prefix)
+
+
+def _class_test(items: list, pattern: str) -> Callable[[str], bool]:
+    """A character class of the parsed pattern (`[...]`, `\\d`, ...) as a test on one character."""
+    c = _sre
+    categories = {c.CATEGORY_DIGIT: str.isdecimal, c.CATEGORY_SPACE: str.isspace,
+                  c.CATEGORY_WORD: lambda ch: ch.isalnum() or ch == "_"}
+    negated = {getattr(c, "CATEGORY_NOT_" + name.name.removeprefix("CATEGORY_")): test
+               for name, test in categories.items()}
+    tests, negate = [], False
+    for op, av in items:
+        if op is c.NEGATE:
+            negate = True
+        elif op is c.LITERAL:
+            tests.append(lambda ch, v=av: ord(ch) == v)
+        elif op is c.RANGE:
+            tests.append(lambda ch, lo=av[0], hi=av[1]: lo <= ord(ch) <= hi)
+        elif op is c.CATEGORY and av in categories:
+            tests.append(categories[av])
+        elif op is c.CATEGORY and av in negated:
+            tests.append(lambda ch, t=negated[av]: not t(ch))
+        else:
+            raise HwrError(f"pattern {pattern!r}: the class item {str(op).lower()} is not supported by the "
+                           "constrained search; use ranges, \\d, \\w, \\s and single characters")
+    return lambda ch: negate != any(t(ch) for t in tests)
 
 
 def beam_decode(log_probs: Tensor, alphabet: str, beam: int = 16, pattern: str | None = None) -> str:
     """The most probable text of one sample, log_probs [T, C] (logits work too: they are normalised
     here), by CTC prefix beam search, which sums the probability of every path that reads the same.
 
-    `pattern`, a regular expression over the text (e.g. r"\\d{5}"): the most probable text that
-    fullmatches it among the final beams, pruning prefixes that cannot match as it goes when the
-    `regex` package is installed; if no final beam matches, among those of a search WIDER times as
-    wide; if still none, the unconstrained best text. The caller may check the answer against the
-    pattern to tell the two apart.
+    `pattern`, a regular expression over the text (e.g. r"\\d{5}"): the search follows it, dropping
+    prefixes that cannot match and keeping each pattern state's best prefix, and answers the most
+    probable text that matches it whole; if none can within the frames (e.g. more characters than
+    the image has frames for), the unconstrained best text. The caller may check the answer against
+    the pattern to tell the two apart.
     """
     lp = log_probs.detach().float().log_softmax(-1).cpu().tolist()
     if pattern is None:
         return to_text(_prefix_search(lp, beam, None)[0][0], alphabet)
-    try:
-        full = re.compile(pattern)
-    except re.error as e:
-        raise HwrError(f"pattern {pattern!r} is not a regular expression ({e})") from None
-    viable = _partial_matcher(pattern, alphabet)
-    first = _prefix_search(lp, beam, viable)
-    text = _first_match(first, full, alphabet)
-    if text is None:
-        text = _first_match(_prefix_search(lp, beam * WIDER, viable), full, alphabet)
-    if text is None:  # pruned beams hold only prefixes of matches: search again without the pattern
-        text = to_text((first if viable is None else _prefix_search(lp, beam, None))[0][0], alphabet)
-    return text
-
-
-def _first_match(hypotheses: list[tuple[Prefix, float]], full: re.Pattern, alphabet: str) -> str | None:
-    return next((t for p, _ in hypotheses if full.fullmatch(t := to_text(p, alphabet))), None)
+    automaton = PatternAutomaton(pattern, alphabet)
+    for width in (beam, beam * WIDER):
+        match = next((p for p, _ in _prefix_search(lp, width, automaton) if automaton.accepts(p)), None)
+        if match is not None:
+            return to_text(match, alphabet)
+    return to_text(_prefix_search(lp, beam, None)[0][0], alphabet)
 
 
 # --- scores ----------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def save_reading_grid(worst: list, data, out_dir, prefix: str) -> list:
                      color="crimson", loc="left")
         ax.axis("off")
     fig.suptitle(f"{prefix}: the readings farthest from the truth", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the first row
     path = out_dir / "worst.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -140,7 +140,8 @@ def test_pattern_picks_the_best_matching_reading():
 
 
 def test_options_that_do_not_fit_the_model():
-    sequence = types.SimpleNamespace(task="sequence", path=Path("seq.pt"), architecture="crnn")
+    sequence = types.SimpleNamespace(task="sequence", path=Path("seq.pt"), architecture="crnn",
+                                     classes=[str(d) for d in range(10)])
     classifier = types.SimpleNamespace(task="classification", path=Path("cls.pt"), architecture="fast_cnn")
     with pytest.raises(HwrError, match="--top-k ranks a classifier's classes; seq.pt holds a crnn sequence"):
         check_options(sequence, 3, False, None, None)
@@ -177,7 +178,10 @@ def test_predict_pattern_and_its_errors(run_dir, lines):
     proc = hwr("predict", str(run_dir), str(lines / "number.png"), "--json", "--pattern", r"\d{5}")
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(proc.stdout)
-    assert row["matches_pattern"] == bool(re.fullmatch(r"\d{5}", row["text"]))
+    # even a barely trained model answers five digits: the search follows the pattern
+    assert row["matches_pattern"] and re.fullmatch(r"\d{5}", row["text"]), row
+    proc = hwr("predict", str(run_dir), str(lines / "number.png"), "--pattern", r"(\d)\1")
+    assert proc.returncode == 2 and "groupref" in one_error_line(proc)
 
     proc = hwr("predict", str(run_dir), str(lines / "number.png"), "--pattern", r"(\d")
     assert proc.returncode == 2 and "--pattern '(\\d' is not a regular expression" in one_error_line(proc)

@@ -327,3 +327,20 @@ def test_hwr_train_on_the_digit_strings_recipe(tmp_path):
     metrics = json.loads((tmp_path / "cli" / "eval_test" / "metrics.json").read_text())
     assert metrics["count"] == 60 and {"sequence_accuracy", "cer", "length_accuracy"} <= set(metrics)
     assert f"{metrics['sequence_accuracy']:.2%}" in final and f"CER {metrics['cer']:.2%}" in final
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_keep_identical_replicas(tmp_path):
+    """The sequence recipe under torchrun rather than accelerate launch: two gloo ranks end with the
+    same parameters (batch-norm running statistics are each rank's own: see the test above)."""
+    out = tmp_path / "probe"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", PROBE, STRINGS,
+           *tiny_strings(), "train.epochs=1", "train.max_steps=6", f"train.out_dir={tmp_path}", "train.name=tr"]
+    proc = run(cmd, HWR_PROBE_OUT=str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es), DDP over gloo" in proc.stderr
+    ranks = probes(out, 2)
+    assert [p["world_size"] for p in ranks] == [2, 2] and ranks[0]["steps"] == 6
+    for name, value in ranks[0]["params"].items():
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(value, ranks[1]["params"][name]), name

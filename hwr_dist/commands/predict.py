@@ -110,11 +110,14 @@ def check_options(trained, top_k: int | None, segment: bool, beam: int | None, p
         raise HwrError(f"--beam and --pattern search a sequence model's readings; {what} classifier: leave them out "
                        "(--segment reads a row of characters with it)")
     if pattern is not None:
+        from hwr_dist.ctc import PatternAutomaton
+
         try:
             re.compile(pattern)
         except re.error as e:
             raise HwrError(f"--pattern '{pattern}' is not a regular expression ({e}); e.g. --pattern '\\d{{5}}' "
                            "for five digits") from None
+        PatternAutomaton(pattern, trained.classes)  # one the search can follow (no back-references)
 
 
 def predict_files(checkpoint: Path, paths: list[Path], top_k: int | None, json_out: bool, segment: bool,

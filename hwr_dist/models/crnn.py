@@ -109,6 +109,7 @@ class CRNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(out, num_classes + 1)
         self.weights_note = ""  # what init_from copied, for the run's log
+        self.backbone_lr_scale = 1.0  # the conv stack's learning rate relative to the rest
         self.source_norm: tuple[float, float] | None = None  # (mean, std) the copied conv weights expect
 
     def output_lengths(self, widths: Tensor) -> Tensor:
@@ -142,8 +143,8 @@ class CRNN(nn.Module):
             fold_input_norm(self.features[0], self.features[1], self.source_norm, (mean, std))
             self.source_norm = (mean, std)
 
-    # The rest of the loop's FineTunable face: a CRNN starting from a classifier's conv layers trains
-    # every layer at one rate from the first step.
+    # The rest of the loop's FineTunable face: every layer trains from the first step; the conv stack
+    # (the part `init_from` starts) at `backbone_lr_scale` times the encoder's and head's rate.
     def on_epoch_start(self, epoch: int) -> bool:
         return False
 
@@ -151,7 +152,9 @@ class CRNN(nn.Module):
         return False
 
     def param_groups(self) -> list[tuple[str, float, list]]:
-        return [("", 1.0, list(self.named_parameters()))]
+        named = list(self.named_parameters())
+        return [("backbone", self.backbone_lr_scale, [(n, p) for n, p in named if n.startswith("features.")]),
+                ("head", 1.0, [(n, p) for n, p in named if not n.startswith("features.")])]
 
 
 def build_crnn(cfg, num_classes: int) -> CRNN:
@@ -160,7 +163,9 @@ def build_crnn(cfg, num_classes: int) -> CRNN:
         raise HwrError(f"model.encoder: expected one of {', '.join(ENCODERS)}, got {cfg.encoder!r}")
     if cfg.encoder == "transformer" and cfg.hidden % HEADS:
         raise HwrError(f"model.hidden: the transformer's {HEADS} heads need a multiple of {HEADS}, got {cfg.hidden}")
-    return CRNN(cfg.width, num_classes, cfg.encoder, cfg.hidden, cfg.layers, cfg.dropout)
+    model = CRNN(cfg.width, num_classes, cfg.encoder, cfg.hidden, cfg.layers, cfg.dropout)
+    model.backbone_lr_scale = cfg.backbone_lr_scale
+    return model
 
 
 def fold_input_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d, source: tuple[float, float],
