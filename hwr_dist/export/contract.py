@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hwr_dist.data.preprocess import LineLayout, line_layout
+from hwr_dist.data.sequences import RIGHT_PAD
 from hwr_dist.models.crnn import CRNN
 from hwr_dist.tasks import task_name
 
@@ -81,10 +82,12 @@ def _line_input(layout: LineLayout) -> dict[str, Any]:
         "preprocess": f"uint8 pixels p of one line, ink white on black: the ink cropped, scaled with its aspect "
                       f"kept to round(ink_height * {layout.height}) rows and centred in {layout.height} rows, with "
                       f"{layout.margin} blank columns either side -> float32 (p / 255 - mean) / std, shape "
-                      f"[batch, 1, {layout.height}, width]; the lines of a batch share one width",
+                      f"[batch, 1, {layout.height}, width]; the lines of a batch are padded on the right with "
+                      f"background (p = 0) to the widest, plus {RIGHT_PAD} more background columns, as in training",
         "output": f"logits [batch, frames, 1 + len(classes)], frames = ceil(width / {CRNN.width_stride}); CTC: "
-                  "column 0 is the blank, column k + 1 is classes[k]; read the best column of each frame, merge "
-                  "repeats and drop blanks (or beam search)",
+                  "column 0 is the blank, column k + 1 is classes[k]; of each line keep its own "
+                  f"ceil(line width / {CRNN.width_stride}) frames, read the best column of each, merge repeats and "
+                  "drop blanks (or beam search)",
     }
 
 
