@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hwr_dist.data.sequences import encode as encode_text
 from hwr_dist.errors import HwrError
 
 try:  # the standard library's regular-expression parser (Python 3.11: re._parser)
@@ -30,14 +31,11 @@ WIDER = 8  # a pattern that no final beam matches: search again with this many t
 Prefix = tuple[int, ...]
 
 
-def encode(texts: Sequence[str], alphabet: str) -> tuple[Tensor, Tensor]:
+def encode(texts: Sequence[str], alphabet: Sequence[str]) -> tuple[Tensor, Tensor]:
     """Texts -> (ids of all texts concatenated, int64 [sum L]; lengths, int64 [B]): ctc_loss's targets."""
-    index = {ch: k + 1 for k, ch in enumerate(alphabet)}
-    try:
-        ids = [index[ch] for text in texts for ch in text]
-    except KeyError as e:
-        raise HwrError(f"character {e.args[0]!r} is not in the alphabet {alphabet!r}") from None
-    return torch.tensor(ids, dtype=torch.int64), torch.tensor([len(t) for t in texts], dtype=torch.int64)
+    ids = [encode_text(text, alphabet, f"text {text!r}") for text in texts]
+    return torch.tensor([i for line in ids for i in line], dtype=torch.int64), \
+        torch.tensor([len(line) for line in ids], dtype=torch.int64)
 
 
 def to_text(ids: Iterable[int], alphabet: str) -> str:
