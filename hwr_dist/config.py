@@ -109,6 +109,9 @@ class ModelConfig:
     stem: str = "pool"
     """fast_cnn: how the first stage halves the image, pool (a 3x3 conv, then a 2x2 max-pool) or stride2 (one
     4x4 conv with stride 2: about 40% less compute per training image)."""
+    pool_first: bool = False
+    """fast_cnn: max-pool straight after each conv, then batch norm and ReLU (airbench's order): the same
+    convolutions, a quarter of the normalisation's and activation's work (about half the CPU training step)."""
     freeze: str = "none"
     """none, or features: the backbone is frozen (vgg: except its last trainable_blocks blocks)."""
     trainable_blocks: int = 0

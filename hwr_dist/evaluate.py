@@ -60,6 +60,16 @@ class EvalResult:
         }
 
 
+def input_format(model) -> torch.memory_format:
+    """channels_last when the model's convolutions are stored so (model.channels_last): an input in the
+    other layout is converted inside every conv, at about a third of the speed."""
+    for p in model.parameters():
+        if p.ndim == 4 and p.shape[1] > 1:  # a conv with one input channel is contiguous in both layouts
+            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
 @torch.no_grad()
 def evaluate(model, data: DeviceData, num_classes: int, batch_size: int, accelerator=None,
              worst_k: int = 0) -> EvalResult:
@@ -72,9 +82,11 @@ def evaluate(model, data: DeviceData, num_classes: int, batch_size: int, acceler
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     worst: list[tuple[float, int, int, int]] = []
     shard = torch.arange(rank, len(data), world, device=device)
+    layout = input_format(model)
     for start in range(0, len(shard), batch_size):
         idx = shard[start : start + batch_size]
         x, y = data.batch(idx)
+        x = x.contiguous(memory_format=layout)
         with accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False):
             logits = model(x)
         losses = F.cross_entropy(logits.float(), y, reduction="none")

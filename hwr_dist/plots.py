@@ -40,20 +40,37 @@ def save_plots(result, data, classes: list[str], out_dir, prefix: str) -> list:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     if result.worst:
-        cols = 8
-        rows = -(-len(result.worst) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, (loss, i, y, p) in zip(axes.flat, result.worst):
-            ax.imshow(data.images[i].cpu().numpy(), cmap="gray")
-            ax.set_title(f"{classes[y]}→{classes[p]}", fontsize=8, color="crimson")
-        fig.suptitle(f"{prefix}: most confidently wrong (true→predicted)", fontsize=9)
-        fig.tight_layout()
         paths.append(out_dir / "worst.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save_worst_grid(plt, result.worst, data, classes, paths[-1], prefix)
     return paths
+
+
+def save_worst_grid(plt, worst: list, data, classes: list[str], path, prefix: str) -> None:
+    """The misclassified images as one montage, a caption band above each: one axes, not one per image
+    (32 axes and their layout cost a second)."""
+    import numpy as np
+
+    cols = 8
+    rows = -(-len(worst) // cols)
+    h, w = data.images.shape[-2:]
+    band, gap = max(6, h // 3), max(2, w // 10)  # caption band and gap, in image pixels
+    cell_h, cell_w = h + band, w + gap
+    montage = np.full((rows * cell_h, cols * cell_w - gap), np.nan, dtype=np.float32)  # NaN: the background
+    images = data.images[[i for _, i, _, _ in worst]].cpu().numpy()
+    scale = 1.2 / cell_w  # inches per pixel: each image about an inch wide, as before
+    fig, ax = plt.subplots(figsize=(montage.shape[1] * scale, montage.shape[0] * scale + 0.35))
+    for k, ((_, _, y, p), image) in enumerate(zip(worst, images)):
+        top, left = (k // cols) * cell_h + band, (k % cols) * cell_w
+        montage[top : top + h, left : left + w] = image
+        ax.text(left + w / 2, top - 1, f"{classes[y]}→{classes[p]}", ha="center", va="bottom", fontsize=7,
+                color="crimson", clip_on=False)
+    cmap = plt.get_cmap("gray").with_extremes(bad="white")
+    ax.imshow(montage, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(f"{prefix}: most confidently wrong (true→predicted)", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / fig.get_figheight())
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def save_reading_grid(worst: list, data, out_dir, prefix: str) -> list:

@@ -68,6 +68,7 @@ def test_builtin_weights_are_plain_data_and_read_the_sample(sample):
 @pytest.mark.parametrize("overrides, words", [
     (["model.name=small_cnn"], "model.name=fast_cnn model.width=16"),
     (["model.name=fast_cnn", "model.width=8"], "model.width=16"),
+    (["model.name=fast_cnn", "model.pool_first=true"], "model.pool_first=false"),
     (["model.name=vgg"], "model.weights"),
 ])
 def test_builtin_refused_for_another_network(overrides, words):
@@ -80,9 +81,10 @@ def test_the_normalisation_of_the_weights_is_folded_into_the_first_layer(sample)
     """A model fed data normalised its own way computes what the source model computes on
     source-normalised data: exactly for small_cnn (no padding), up to the padded border for fast_cnn."""
     x = sample.test.images[:64]
-    for name, tolerance in (("small_cnn", 1e-4), ("fast_cnn", 0.05)):
+    cases = (("small_cnn", False, 1e-4), ("fast_cnn", False, 0.05), ("fast_cnn", True, 0.05))
+    for name, pool_first, tolerance in cases:
         cfg = Config().model
-        cfg.name, cfg.freeze = name, "features"
+        cfg.name, cfg.freeze, cfg.pool_first = name, "features", pool_first
         torch.manual_seed(0)
         source = build_model(cfg, 10).eval()
         model = build_model(cfg, 10).eval()

@@ -174,11 +174,11 @@ def test_an_image_reads_the_same_however_wide_its_batch(encoder):
 
 
 def digit_checkpoint(folder: Path, name: str = "fast_cnn", width: int = 16, stem: str = "pool",
-                     norm=(0.13, 0.31)) -> tuple[Path, object]:
+                     pool_first: bool = False, norm=(0.13, 0.31)) -> tuple[Path, object]:
     """A checkpoint as `hwr train` writes it, of an untrained classifier with made-up statistics."""
     torch.manual_seed(2)
     cfg = Config()
-    cfg.model = ModelConfig(name=name, width=width, head="mlp", stem=stem)
+    cfg.model = ModelConfig(name=name, width=width, head="mlp", stem=stem, pool_first=pool_first)
     net = build_model(cfg.model, 10)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -220,6 +220,9 @@ def test_init_from_refuses_what_does_not_fit(tmp_path):
     strided, _ = digit_checkpoint(tmp_path / "s2", stem="stride2")
     with pytest.raises(HwrError, match="model.stem=stride2.*model.stem=pool"):
         init_from(small_crnn(width=16), strided)
+    pooled_first, _ = digit_checkpoint(tmp_path / "pf", pool_first=True)
+    with pytest.raises(HwrError, match="model.pool_first=true.*model.pool_first=false"):
+        init_from(small_crnn(width=16), pooled_first)
     with pytest.raises(HwrError, match="model.init_from: checkpoint .* not found"):
         init_from(small_crnn(width=16), tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

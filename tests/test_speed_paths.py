@@ -38,8 +38,9 @@ def trained(tmp_path: Path, *overrides: str) -> dict:
 
 
 @pytest.mark.parametrize("fast", [["model.channels_last=true"], ["train.mixed_precision=bf16"],
-                                  ["model.channels_last=true", "train.mixed_precision=bf16"]],
-                         ids=["channels_last", "bf16", "channels_last+bf16"])
+                                  ["model.channels_last=true", "train.mixed_precision=bf16"],
+                                  ["model.channels_last=true", "model.pool_first=true"]],
+                         ids=["channels_last", "bf16", "channels_last+bf16", "channels_last+pool_first"])
 def test_fast_options_train(tmp_path, fast):
     summary = trained(tmp_path, *fast)
     assert summary["test_accuracy"] > 0.6  # 40 steps of a tiny net on the sample: ~85-90%
@@ -116,20 +117,53 @@ def test_batch_indices_live_on_the_training_device():
     assert torch.equal(torch.cat(a).sort().values, torch.arange(1000))  # still a permutation, same as before
 
 
-def test_fused_adamw_only_for_cuda_parameters(monkeypatch):
-    cfg = load_config(None, []).optim
-    assert not build_optimizer(torch.nn.Linear(3, 3), cfg).defaults.get("fused")
-    seen = {}
+def test_fused_adamw_on_cpu_takes_the_per_tensor_step():
+    """The fused kernel is used on CPU parameters too, and computes the per-tensor loop's update."""
+    cfg = load_config(None, ["optim.weight_decay=0.01"]).optim
+    torch.manual_seed(0)
+    fused_net, plain_net = torch.nn.Linear(5, 3, bias=False), torch.nn.Linear(5, 3, bias=False)
+    plain_net.load_state_dict(fused_net.state_dict())
+    fused = build_optimizer(fused_net, cfg)
+    plain = torch.optim.AdamW(plain_net.parameters(), lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
+                              weight_decay=cfg.weight_decay, foreach=False)
+    assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
+    x = torch.randn(16, 5)
+    for _ in range(3):
+        for net, opt in ((fused_net, fused), (plain_net, plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    assert not torch.equal(fused_net.weight, torch.zeros(3, 5))
+    torch.testing.assert_close(fused_net.weight, plain_net.weight)
 
-    class Recorder(torch.optim.AdamW):
-        def __init__(self, params, **kw):
-            seen.update(kw)
-            super().__init__(params, **{k: v for k, v in kw.items() if k != "fused"})
 
-    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    build_optimizer(torch.nn.Linear(3, 3), cfg)
-    assert seen.get("fused") is True
+def test_pool_first_pools_before_the_batch_norm():
+    from torch import nn
+
+    from hwr_dist.models import build_model
+
+    cfg = load_config(None, ["model.name=fast_cnn", "model.pool_first=true"]).model
+    net = build_model(cfg, 10)
+    kinds = [type(m) for m in net][:8]
+    assert kinds == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU] * 2
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_evaluation_feeds_a_channels_last_model_its_own_layout():
+    from hwr_dist.data.loader import DeviceData
+    from hwr_dist.evaluate import evaluate, input_format
+    from hwr_dist.models import build_model
+
+    cfg = load_config(None, ["model.name=fast_cnn", "model.width=8"]).model
+    torch.manual_seed(0)
+    net = build_model(cfg, 10).eval()
+    data = DeviceData(torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (300,)), 0.2, 0.3)
+    plain = evaluate(net, data, 10, 128, worst_k=5)
+    assert input_format(net) == torch.contiguous_format
+    net = net.to(memory_format=torch.channels_last)
+    assert input_format(net) == torch.channels_last
+    fast = evaluate(net, data, 10, 128, worst_k=5)
+    assert torch.equal(fast.confusion, plain.confusion) and math.isclose(fast.loss, plain.loss, rel_tol=1e-5)
 
 
 def test_speedrun_chooses_the_gpu_path_only_on_cuda():

@@ -41,8 +41,9 @@ class FineTuneCNN(nn.Sequential):
             shift = conv.weight.sum((1, 2, 3)) * (mean - src_mean) / src_std
             if conv.bias is not None:
                 conv.bias.add_(shift)
-            else:  # a bias-free conv feeds a batch norm, whose running mean absorbs the shift
-                self[1].running_mean.sub_(shift)
+            else:  # a bias-free conv feeds a batch norm (after a max-pool, which keeps a per-channel shift),
+                # whose running mean absorbs the shift
+                next(m for m in self if isinstance(m, nn.BatchNorm2d)).running_mean.sub_(shift)
             conv.weight.mul_(std / src_std)
         self.source_norm = (mean, std)
 
@@ -118,6 +119,16 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+def _conv_pool(cin: int, cout: int, pool_first: bool) -> list[nn.Module]:
+    """A conv stage that halves the image. Pooling first normalises and activates a quarter of the pixels;
+    ReLU commutes with the max, batch norm does not (its scale may be negative), so the two orders are
+    different nets, not one net computed faster."""
+    if not pool_first:
+        return [*_conv_bn(cin, cout), nn.MaxPool2d(2)]
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
 def build_cnn_bn(cfg, num_classes: int) -> nn.Module:
     """Three conv-batchnorm stages (28 -> 14 -> 7 -> 1), width doubling per stage."""
     w = cfg.width
@@ -142,10 +153,10 @@ def build_fast_cnn(cfg, num_classes: int) -> nn.Module:
             if cfg.head == "mlp" else [nn.Dropout(cfg.dropout), nn.Linear(features, num_classes)])
     # The stride-2 stem skips the full-resolution batch norm, ReLU and pooling, most of the first stage's cost.
     stem = ([nn.Conv2d(1, w, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            if cfg.stem == "stride2" else [*_conv_bn(1, w), nn.MaxPool2d(2)])
+            if cfg.stem == "stride2" else _conv_pool(1, w, cfg.pool_first))
     return _net([
         *stem,
-        *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
+        *_conv_pool(w, 2 * w, cfg.pool_first),
         nn.Flatten(),
         *head,
     ], cfg)

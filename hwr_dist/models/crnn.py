@@ -212,9 +212,11 @@ def init_from(model: CRNN, source: str | Path) -> str:
     if m["name"] != "fast_cnn":
         raise HwrError(f"model.init_from: {where} holds a {m['name']} model; the CRNN's conv stack starts "
                        "from a fast_cnn digit classifier (or builtin)")
-    if m.get("stem", "pool") != "pool":
-        raise HwrError(f"model.init_from: {where} is a fast_cnn with model.stem={m['stem']}, whose first stage "
-                       "differs from the CRNN's; start from one trained with model.stem=pool")
+    if m.get("stem", "pool") != "pool" or m.get("pool_first"):
+        pool_first = str(m.get("pool_first", False)).lower()
+        raise HwrError(f"model.init_from: {where} is a fast_cnn with model.stem={m['stem']} model.pool_first="
+                       f"{pool_first}, whose stages differ from the CRNN's; start from one trained with "
+                       "model.stem=pool model.pool_first=false")
     if m["width"] != model.width:
         raise HwrError(f"model.init_from: {where} is a fast_cnn of width {m['width']} and this CRNN has "
                        f"width {model.width}; set model.width={m['width']}")

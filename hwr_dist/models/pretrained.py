@@ -203,9 +203,12 @@ def check_cnn_weights(m) -> None:
         raise HwrError(f"model.weights: expected none, builtin or the path of a checkpoint / state dict for "
                        f"model.name={m.name}, got {m.weights!r}")
     b = builtin_model_config()
-    if (m.name, m.width) != (b["name"], b["width"]):
-        raise HwrError(f"model.weights=builtin is the shipped {b['name']} of width {b['width']} ({BUILTIN_RECIPE}); "
-                       f"set model.name={b['name']} model.width={b['width']}, or start from configs/adapt_own.yaml")
+    shipped = {"name": b["name"], "width": b["width"], "stem": b.get("stem", "pool"),
+               "pool_first": b.get("pool_first", False)}
+    if {k: getattr(m, k) for k in shipped} != shipped:
+        settings = " ".join(f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shipped.items())
+        raise HwrError(f"model.weights=builtin is the shipped {b['name']} ({BUILTIN_RECIPE}); set {settings}, "
+                       "or start from configs/adapt_own.yaml")
 
 
 def _layer(key: str) -> int:

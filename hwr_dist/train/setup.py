@@ -5,7 +5,10 @@ Nothing is written to the run directory until every check has passed.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -123,11 +126,25 @@ def setup(cfg: Config, quiet: bool = False) -> Run:
     acc = make_accelerator(cfg)
     stop.connect(acc.num_processes)
     lock = take_lock(acc, run_dir)
+    preload_optimizer_imports()
     try:
         return build_run(cfg, quiet, acc, run_dir, stop, lock)
     except BaseException:
         lock.release()
         raise
+
+
+def preload_optimizer_imports() -> None:
+    """torch.optim imports torch._dynamo when the optimizer is built (about 1.7 s of pure Python):
+    imported on a thread, it overlaps reading the data, which runs mostly outside the GIL."""
+    def load() -> None:
+        try:
+            importlib.import_module("torch._dynamo")
+        except Exception:  # noqa: BLE001 - the optimizer imports it again and reports a real failure itself
+            pass
+
+    if "torch._dynamo" not in sys.modules:
+        threading.Thread(target=load, name="preload-torch-dynamo", daemon=True).start()
 
 
 def take_lock(acc, run_dir: Path) -> RunLock:
