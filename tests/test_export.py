@@ -123,7 +123,9 @@ def test_int8_keeps_accuracy_and_shrinks_the_file(run_dir, trained, test_split, 
     acc = accuracy(exported, test_split.images, test_split.labels)
     assert abs(acc - float_acc) <= 0.005, (acc, float_acc)
     float_bytes = sum(p.numel() * 4 for p in trained.model.parameters())
-    assert out.stat().st_size < 0.3 * float_bytes  # int8 weights: about a quarter
+    # int8 weights are a quarter, plus the TorchScript archive's own ~40 KB, and the convolutions stay
+    # float when static int8 costs accuracy (a few KB here): a float export would be over 100%
+    assert out.stat().st_size < 0.35 * float_bytes
 
     fmts = [("state-dict", "int8.sd.pt")]
     if HAVE_ONNX:

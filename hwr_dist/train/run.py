@@ -59,7 +59,10 @@ def run_training(cfg: Config, quiet: bool = False, hooks: Hooks | None = None) -
     run = setup(cfg, quiet)
     # Everything built so far (torch's modules, the data) lives until the process ends: keep it out of
     # every later garbage collection, the one at exit included (about a second with torch._dynamo loaded).
-    gc.freeze()
+    # Not with several processes: there the DDP reducer holds the process group, whose threads must be
+    # joined by that last collection, or the process aborts at exit.
+    if run.acc.num_processes == 1:
+        gc.freeze()
     if hooks is not None:
         run.hooks = hooks
     status = "failed"
