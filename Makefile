@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-train: venv  ## train the default CNN on the built-in MNIST sample (about 20 s of training on 2 cores)
+train: venv  ## train the default CNN on the built-in MNIST sample (about 12 s of training on 2 cores)
 	$(VENV)/bin/hwr train configs/default.yaml train.resume=auto $(ARGS)
 
 test: venv  ## the whole test suite, multi-process and SLURM tests included
