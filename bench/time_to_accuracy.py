@@ -3,7 +3,7 @@
     python bench/time_to_accuracy.py --data fashion-mnist --config configs/fast_fashion.yaml --target 0.91
     python bench/time_to_accuracy.py --data mnist-sample --config configs/fast_sample.yaml --target 0.98
     python bench/time_to_accuracy.py --whole-run --repeats 3 --data fashion-mnist --config configs/fast_fashion.yaml --target 0.91
-    python bench/time_to_accuracy.py --whole-run --data fashion-mnist --config configs/fast_fashion.yaml --target 0.93 --baseline-epochs 15 model.width=32 train.epochs=10 train.max_steps=0 optim.weight_decay=0.0005
+    python bench/time_to_accuracy.py --whole-run --data fashion-mnist --config configs/fast_fashion.yaml --target 0.93 --baseline-epochs 15 model.width=32 train.epochs=10 train.max_steps=0 optim.weight_decay=0.0005 optim.beta2=0.999 schedule.warmup_fraction=0.2
 
 --whole-run is the comparison a user makes: ours is the whole `hwr train CONFIG` process, from
 launch to exit (interpreter start, imports, data loading, validation, checkpoints, the final test
@@ -161,14 +161,15 @@ def main_whole_run(a, root: Path, overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
             load = os.getloadavg()[0]
+            sides = {
+                "base": lambda: first_reaching(run_baseline(a.data, root, a.baseline_epochs, a.target)["curve"],
+                                               a.target),
+                "ours": lambda: whole_run(a.config, overrides, Path(tmp), f"ours{r}", a.threads)}
             # Alternate which goes first: a machine that slows down under sustained load (shared
             # or thermally limited cores) must not always penalise the same side.
-            if r % 2 == 0:
-                base = first_reaching(run_baseline(a.data, root, a.baseline_epochs, a.target)["curve"], a.target)
-                ours = whole_run(a.config, overrides, Path(tmp), f"ours{r}", a.threads)
-            else:
-                ours = whole_run(a.config, overrides, Path(tmp), f"ours{r}", a.threads)
-                base = first_reaching(run_baseline(a.data, root, a.baseline_epochs, a.target)["curve"], a.target)
+            order = ["base", "ours"] if r % 2 == 0 else ["ours", "base"]
+            got = {side: sides[side]() for side in order}
+            base, ours = got["base"], got["ours"]
             row = {"repeat": r + 1, "load_before": load, "load_after": os.getloadavg()[0], "ours": ours,
                    "baseline": base, "ratio": base["clock_s"] / ours["wall_s"] if base else None}
             rows.append(row)
