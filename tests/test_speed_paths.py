@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, train_module
 
+from hwr_dist.allocator import user_setting
 from hwr_dist.recipes import load as load_config
 from hwr_dist.data.loader import ShardedBatches
 from hwr_dist.train.optim import build_optimizer
@@ -202,3 +204,53 @@ def test_keep_epochs_and_epoch_rows_without_validation(tmp_path):
     from time_to_accuracy import epoch_end_times
 
     assert sorted(epoch_end_times(tmp_path / "r")) == [1, 2]
+
+
+ALLOCATION_PROBE = """
+import ctypes, json
+import torch
+from hwr_dist.allocator import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.empty(4 << 20, dtype=torch.uint8)  # 4 MiB: the size of a small CNN's activation for one batch
+mapped = libc.mallinfo2().hblkhd - before
+del x
+print(json.dumps({"applied": applied, "mapped": mapped, "kept": libc.mallinfo2().fordblks}))
+"""
+
+
+def glibc() -> bool:
+    try:
+        return sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not glibc(), reason="glibc's allocator only")
+@pytest.mark.parametrize("user_env", [{}, {"MALLOC_MMAP_THRESHOLD_": "131072"}])
+def test_tensor_memory_stays_in_the_heap_unless_the_user_chose_otherwise(user_env):
+    """A freed activation stays in the heap for the next step, not mapped afresh (page faults and
+    zero-filling every step); an allocator setting of the user's own is left as it is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    proc = subprocess.run([sys.executable, "-c", ALLOCATION_PROBE], env={**env, **user_env}, capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    if user_env:
+        assert probe["applied"] is False and probe["mapped"] >= 4 << 20
+    else:
+        assert probe["applied"] is True and probe["mapped"] == 0 and probe["kept"] >= 4 << 20
+
+
+def test_the_users_allocator_setting_is_found():
+    assert user_setting({"MALLOC_TRIM_THRESHOLD_": "0"}) == "MALLOC_TRIM_THRESHOLD_"
+    assert user_setting({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}) == "GLIBC_TUNABLES"
+    assert user_setting({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}) == "LD_PRELOAD"
+    assert user_setting({"MALLOC_ARENA_MAX": "2"}) == "MALLOC_ARENA_MAX"
+    assert user_setting({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=2048", "PATH": "/bin"}) is None

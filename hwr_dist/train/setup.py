@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from hwr_dist import checkpoint
+from hwr_dist.allocator import keep_freed_memory
 from hwr_dist.checkpoint import TrainState
 from hwr_dist.config import Config, check, one_of, to_yaml
 from hwr_dist.data import load_dataset, training_splits
@@ -126,6 +127,7 @@ def setup(cfg: Config, quiet: bool = False) -> Run:
     acc = make_accelerator(cfg)
     stop.connect(acc.num_processes)
     lock = take_lock(acc, run_dir)
+    keep_freed_memory()
     preload_optimizer_imports()
     try:
         return build_run(cfg, quiet, acc, run_dir, stop, lock)
