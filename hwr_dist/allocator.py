@@ -1,11 +1,13 @@
-"""The C allocator's settings for tensor work on the CPU: one place, applied by each process that trains
-or serves a model.
+"""The C allocator's settings for tensor work on the CPU: one place, applied by each training process.
 
 glibc hands blocks above its mmap threshold (128 KiB at first, adapting up to 32 MiB) straight back to
 the kernel when they are freed, and trims the heap's top past 128 KiB. A training step's activations and
-gradients are a few MiB each, so every step gets them as fresh pages, page-faulted and zero-filled by the
-kernel: on 2 cores that costs fast_fashion a third of its step (23 -> 15 ms). Keeping freed memory in the
-heap is what jemalloc and tcmalloc do, and what PyTorch's CPU performance guide recommends them for.
+gradients are a few MiB each; whenever the adaptive threshold has not caught up with them, each step gets
+them as fresh pages, page-faulted and zero-filled by the kernel. Measured on 2 cores: the default run's
+minor page faults drop from about 290k to 170k and its system time from 1.0 to 0.75 s; a bare
+fast_fashion step loop, where the threshold never settles, goes from 23 to 15 ms a step. Keeping freed
+memory in the heap is what jemalloc and tcmalloc do, and what PyTorch's CPU performance guide
+recommends them for.
 
 The user's own settings win: any MALLOC_* variable, malloc tunables in GLIBC_TUNABLES, or another
 allocator in LD_PRELOAD leave glibc as the user set it.
