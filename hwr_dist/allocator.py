@@ -36,15 +36,17 @@ def user_setting(environ=os.environ) -> str | None:
     return None
 
 
+def glibc() -> bool:
+    try:
+        return sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):  # musl and others
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; False where it does not apply (not
     glibc, or the user's own setting)."""
-    if not sys.platform.startswith("linux") or user_setting() is not None:
+    if not glibc() or user_setting() is not None:
         return False
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    except (ValueError, OSError, AttributeError):  # musl and others: no glibc, no mallopt
-        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

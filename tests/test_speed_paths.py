@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, train_module
 
-from hwr_dist.allocator import user_setting
+from hwr_dist.allocator import glibc, user_setting
 from hwr_dist.recipes import load as load_config
 from hwr_dist.data.loader import ShardedBatches
 from hwr_dist.train.optim import build_optimizer
@@ -223,13 +223,6 @@ mapped = libc.mallinfo2().hblkhd - before
 del x
 print(json.dumps({"applied": applied, "mapped": mapped, "kept": libc.mallinfo2().fordblks}))
 """
-
-
-def glibc() -> bool:
-    try:
-        return sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (ValueError, OSError):
-        return False
 
 
 @pytest.mark.skipif(not glibc(), reason="glibc's allocator only")
