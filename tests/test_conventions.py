@@ -59,6 +59,25 @@ def test_accelerate_launch_flags_reach_the_run(tmp_path):
     assert (system["mixed_precision"], system["grad_accum_steps"], system["backend"]) == ("bf16", 2, "gloo")
 
 
+@pytest.mark.slow
+def test_sharded_engines_are_refused(tmp_path, monkeypatch):
+    """`accelerate launch --use_fsdp` (and DeepSpeed, Megatron-LM): the loop is DDP's, so one error
+    line before anything is written, not a half-working run."""
+    from hwr_dist.recipes import load
+    from hwr_dist.train.distributed import make_accelerator
+
+    cmd = accelerate_argv(1, [*TRAIN_MODULE, "configs/default.yaml", *TINY_RUN, f"train.out_dir={tmp_path}",
+                              "train.name=fsdp"], main_port=29000 + (hash(str(tmp_path)) % 2000))
+    cmd[cmd.index("--multi_gpu")] = "--use_fsdp"
+    proc = run(cmd, timeout=300)
+    assert proc.returncode != 0
+    assert "error: accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true" in proc.stderr
+    assert not (tmp_path / "fsdp").exists()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what --use_deepspeed sets, DeepSpeed installed or not
+    with pytest.raises(HwrError, match="--use_deepspeed .* is not supported: hwr-dist trains with DDP"):
+        make_accelerator(load("default", ["train.device=cpu"]))
+
+
 # --- the CLI's manners -----------------------------------------------------------------------------
 
 

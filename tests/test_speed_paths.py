@@ -60,11 +60,54 @@ def test_compiled_model_trains_and_its_checkpoint_loads(tmp_path):
     load_trained(tmp_path / "r" / "checkpoints" / "best.pt")  # a plain model loads it
 
 
-def test_unwrapped_strips_compile_and_wrappers():
-    from hwr_dist.train.distributed import unwrapped
+def test_the_bare_module_is_the_trained_one_without_its_wrappers():
+    from hwr_dist.train.setup import build_model_and_optimizer
 
-    net = torch.nn.Linear(2, 2)
-    assert unwrapped(SimpleNamespace(unwrap_model=lambda m: m), torch.compile(net)) is net  # state_dict keys without the `_orig_mod.` prefix
+    cfg = load_config(None, QUICK + ["model.compile=true"])
+    data = SimpleNamespace(classes=list("0123456789"), train=SimpleNamespace(mean=0.1, std=0.3))
+    acc = SimpleNamespace(device=torch.device("cpu"), prepare=lambda *objs, device_placement: objs)
+    model, bare, _, _ = build_model_and_optimizer(cfg, acc, data, pretrained=False)
+    assert getattr(model, "_orig_mod", None) is bare  # state_dict keys without the `_orig_mod.` prefix
+    assert not any(k.startswith("_orig_mod.") for k in bare.state_dict())
+
+
+def test_training_never_imports_the_compiler(tmp_path):
+    """torch.optim's methods import torch._dynamo (1.7 s of start-up) unless built by build_optimizer;
+    a run, its checkpoints and a resume from them never need it."""
+    code = ("import sys; from hwr_dist.train.run import main; args = sys.argv[1:]; main(args); "
+            "main(args + ['train.max_steps=8', 'train.resume=auto', 'train.resume_changes=accept']); "
+            "print('loaded' if 'torch._dynamo' in sys.modules else 'not loaded')")
+    args = ["configs/default.yaml", *QUICK, "train.max_steps=4", "checkpoint.every_steps=2",
+            f"train.out_dir={tmp_path}", "train.name=r", "--quiet"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["not", "loaded"]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 8
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_optimizers_step_and_checkpoint_as_torch_optims_own(name):
+    """The same updates as torch.optim's class, and state dicts that load into it and back."""
+    cfg = load_config(None, [f"optim.name={name}", "optim.weight_decay=0.01", "optim.momentum=0.9"]).optim
+    torch.manual_seed(0)
+    ours_net, theirs_net = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    theirs_net.load_state_dict(ours_net.state_dict())
+    ours = build_optimizer(ours_net, cfg)
+    theirs_cls = type(ours).__mro__[1]
+    assert theirs_cls is getattr(torch.optim, {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[name])
+    theirs = theirs_cls([{**{k: v for k, v in g.items() if k != "params"}, "params": [p]}  # the same settings
+                         for g, p in zip(ours.param_groups, theirs_net.parameters())])
+    x = torch.randn(16, 5)
+    for _ in range(3):
+        for net, opt in ((ours_net, ours), (theirs_net, theirs)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    torch.testing.assert_close(ours_net.weight, theirs_net.weight)
+    assert ours_net.weight.grad_fn is None and not torch.equal(ours_net.weight, theirs_net.weight.new_zeros(3, 5))
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
 
 
 SYNCING = ["item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy", "nonzero"]

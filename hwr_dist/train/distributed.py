@@ -37,6 +37,23 @@ def from_launcher(key: str, mine, env: str, unset: str, cast=str, environ=os.env
     return mine if mine is not None else (theirs if theirs is not None else cast(unset))
 
 
+# accelerate launch's sharded engines, and the variable each sets for the processes it starts.
+SHARDED_ENGINES = {"--use_deepspeed": "ACCELERATE_USE_DEEPSPEED", "--use_fsdp": "ACCELERATE_USE_FSDP",
+                   "--use_megatron_lm": "ACCELERATE_USE_MEGATRON_LM"}
+
+
+def check_engine() -> None:
+    """The loop, its checkpoints (one state_dict per model) and exact resume are written for DDP: a
+    launch that asks Accelerate to shard the model or the optimizer is refused, not half run."""
+    from accelerate.utils import parse_flag_from_env
+
+    for flag, env in SHARDED_ENGINES.items():
+        if parse_flag_from_env(env):
+            raise HwrError(f"accelerate launch {flag} ({env}=true, from the flag, accelerate's config file or "
+                           "your environment) is not supported: hwr-dist trains with DDP; launch with --multi_gpu "
+                           "(on CPUs --num_processes N), or distributed_type MULTI_GPU or MULTI_CPU in the config")
+
+
 def make_accelerator(cfg):
     """The Accelerator for this process; settles train.mixed_precision and train.grad_accum_steps
     (None in the config: the launcher decides) into `cfg`, so the run records what was in effect."""
@@ -53,6 +70,7 @@ def make_accelerator(cfg):
     if t.mixed_precision == "fp16" and use_cpu:
         raise HwrError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 on CPU")
     check_elastic_store()
+    check_engine()
     # cpu=True matters: without it a CPU multi-process launch silently runs without DDP.
     # Accumulation is the loop's own (it scales each micro-batch's loss): Accelerate's stays at 1,
     # whatever ACCELERATE_GRADIENT_ACCUMULATION_STEPS says, or the loss would be divided twice.
@@ -63,13 +81,6 @@ def make_accelerator(cfg):
         raise HwrError(f"the launcher started {launched} processes but training sees {acc.num_processes}: "
                        "DDP is not set up; launch with accelerate launch --multi_gpu, or with torchrun")
     return acc
-
-
-def unwrapped(acc, model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model: without DDP and without torch.compile's wrapper, whose state_dict keys would
-    carry an `_orig_mod.` prefix (checkpoints and the EMA use the bare names either way)."""
-    model = acc.unwrap_model(model)
-    return getattr(model, "_orig_mod", model)
 
 
 def rewrap_ddp(acc, model: torch.nn.Module) -> torch.nn.Module:

@@ -5,10 +5,7 @@ Nothing is written to the run directory until every check has passed.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +24,7 @@ from hwr_dist.files import RunLock, atomic_write, remove_stale_temporaries
 from hwr_dist.tasks import Task, task_for, task_name
 from hwr_dist.models import FineTunable, build_model, load_model_state, preflight
 from hwr_dist.tracking import Tracker, apply_sweep_name, check_available, truncate_metrics
-from hwr_dist.train.distributed import make_accelerator, unwrapped
+from hwr_dist.train.distributed import make_accelerator
 from hwr_dist.train.feature_cache import FeatureCache, build_feature_cache
 from hwr_dist.train.optim import EMA, build_optimizer
 from hwr_dist.train.preempt import PREEMPTED_FILE, StopFlag
@@ -51,7 +48,8 @@ class Run:
     task: Task
     data: Data
     batches: ShardedBatches
-    model: torch.nn.Module
+    model: torch.nn.Module  # as trained: wrapped by DDP (several processes) and torch.compile (model.compile)
+    bare: torch.nn.Module  # the same module unwrapped: checkpoints and the EMA use its parameter names
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     gen: torch.Generator  # augmentation randomness, one stream per rank
@@ -62,10 +60,6 @@ class Run:
     lock: RunLock
     features: FeatureCache | None = None  # the train split as cached backbone features
     hooks: Hooks = field(default_factory=Hooks)
-
-    @property
-    def bare(self) -> torch.nn.Module:
-        return unwrapped(self.acc, self.model)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -106,17 +100,21 @@ def load_data(cfg: Config, device, seed: int, world: int = 1) -> Data:
 
 
 def build_model_and_optimizer(cfg: Config, acc, data: Data, pretrained: bool):
+    """The model as trained, the bare module inside it, the optimizer and the EMA."""
     model = build_model(cfg.model, len(data.classes), pretrained=pretrained).to(acc.device)
     if isinstance(model, FineTunable):  # models that fold the input normalisation into their weights
         model.set_input_norm(data.train.mean, data.train.std)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    bare = model
     optimizer = build_optimizer(model, cfg.optim)
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     if cfg.model.compile:
         model = torch.compile(model)
-    model, optimizer = acc.prepare(model, optimizer)
-    return model, optimizer, ema
+    # Built on its device already: Accelerate's placement would first look for sharded (DTensor)
+    # parameters, an import of torch.distributed.tensor and sympy that costs a second.
+    model, optimizer = acc.prepare(model, optimizer, device_placement=[False, False])
+    return model, bare, optimizer, ema
 
 
 def setup(cfg: Config, quiet: bool = False) -> Run:
@@ -128,25 +126,11 @@ def setup(cfg: Config, quiet: bool = False) -> Run:
     stop.connect(acc.num_processes)
     lock = take_lock(acc, run_dir)
     keep_freed_memory()
-    preload_optimizer_imports()
     try:
         return build_run(cfg, quiet, acc, run_dir, stop, lock)
     except BaseException:
         lock.release()
         raise
-
-
-def preload_optimizer_imports() -> None:
-    """torch.optim imports torch._dynamo when the optimizer is built (about 1.7 s of pure Python):
-    imported on a thread, it overlaps reading the data, which runs mostly outside the GIL."""
-    def load() -> None:
-        try:
-            importlib.import_module("torch._dynamo")
-        except Exception:  # noqa: BLE001 - the optimizer imports it again and reports a real failure itself
-            pass
-
-    if "torch._dynamo" not in sys.modules:
-        threading.Thread(target=load, name="preload-torch-dynamo", daemon=True).start()
 
 
 def take_lock(acc, run_dir: Path) -> RunLock:
@@ -228,10 +212,10 @@ def build_run(cfg: Config, quiet: bool, acc, run_dir: Path, stop: StopFlag, lock
     seed, rank = cfg.train.seed, acc.process_index
     torch.manual_seed(seed + rank)  # dropout differs per rank, like data
     data = load_data(cfg, acc.device, seed, acc.num_processes)
-    model, optimizer, ema = build_model_and_optimizer(cfg, acc, data, pretrained=ckpt is None)
+    model, bare, optimizer, ema = build_model_and_optimizer(cfg, acc, data, pretrained=ckpt is None)
     gen = torch.Generator(device=acc.device).manual_seed(seed * 7919 + rank)
     batches = ShardedBatches(len(data.train), cfg.data.batch_size, seed, rank, acc.num_processes, acc.device)
-    run = Run(cfg, acc, run_dir, task_for(cfg), data, batches, model, optimizer, ema, gen, TrainState(),
+    run = Run(cfg, acc, run_dir, task_for(cfg), data, batches, model, bare, optimizer, ema, gen, TrainState(),
               Tracker(run_dir, acc.is_main_process, cfg), Display(acc.is_main_process, quiet), stop, lock)
     warning = restore(run, ckpt, source) if ckpt is not None else ""
     if acc.is_main_process:
