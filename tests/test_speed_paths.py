@@ -85,6 +85,16 @@ def test_training_never_imports_the_compiler(tmp_path):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 8
 
 
+def three_steps(*pairs: tuple[torch.nn.Module, torch.optim.Optimizer]) -> None:
+    """Three optimizer steps of each (net, optimizer) pair on the same batch."""
+    x = torch.randn(16, 5)
+    for _ in range(3):
+        for net, opt in pairs:
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_the_optimizers_step_and_checkpoint_as_torch_optims_own(name):
     """The same updates as torch.optim's class, and state dicts that load into it and back."""
@@ -97,14 +107,9 @@ def test_the_optimizers_step_and_checkpoint_as_torch_optims_own(name):
     assert theirs_cls is getattr(torch.optim, {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[name])
     theirs = theirs_cls([{**{k: v for k, v in g.items() if k != "params"}, "params": [p]}  # the same settings
                          for g, p in zip(ours.param_groups, theirs_net.parameters())])
-    x = torch.randn(16, 5)
-    for _ in range(3):
-        for net, opt in ((ours_net, ours), (theirs_net, theirs)):
-            opt.zero_grad()
-            net(x).square().mean().backward()
-            opt.step()
+    three_steps((ours_net, ours), (theirs_net, theirs))
     torch.testing.assert_close(ours_net.weight, theirs_net.weight)
-    assert ours_net.weight.grad_fn is None and not torch.equal(ours_net.weight, theirs_net.weight.new_zeros(3, 5))
+    assert ours_net.weight.grad_fn is None and not torch.equal(ours_net.weight, torch.zeros(3, 5))
     theirs.load_state_dict(ours.state_dict())
     ours.load_state_dict(theirs.state_dict())
     assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
@@ -172,12 +177,7 @@ def test_fused_adamw_on_cpu_takes_the_per_tensor_step():
     plain = torch.optim.AdamW(plain_net.parameters(), lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
                               weight_decay=cfg.weight_decay, foreach=False)
     assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
-    x = torch.randn(16, 5)
-    for _ in range(3):
-        for net, opt in ((fused_net, fused), (plain_net, plain)):
-            opt.zero_grad()
-            net(x).square().mean().backward()
-            opt.step()
+    three_steps((fused_net, fused), (plain_net, plain))
     assert not torch.equal(fused_net.weight, torch.zeros(3, 5))
     torch.testing.assert_close(fused_net.weight, plain_net.weight)
 
