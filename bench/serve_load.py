@@ -1,7 +1,7 @@
 """Serving under load: closed-loop clients against a real `hwr serve` on 127.0.0.1, batching on and off.
 
     python bench/serve_load.py [--model runs/default] [--onnx FILE] [--clients 1,8,32] [--seconds 3]
-                               [--image canvas|mnist] [--max-batch 64] [--max-wait-ms 5]
+                               [--image canvas|mnist] [--max-batch 64] [--max-wait-ms 5] [--workers 1]
 
 For each model (the checkpoint, and its ONNX export: made in a temporary folder unless --onnx is
 given) and each mode (dynamic batching: --max-batch 64; per-request inference: --max-batch 1), one
@@ -10,8 +10,8 @@ send a request, wait for its answer and send the next (closed loop) over a kept-
 for --seconds after a warm-up of --warmup seconds (at most --max-requests requests per cell).
 Reported: requests/s, p50 and p99 latency as the client sees it, and the mean images per forward
 pass (from the server's /metrics, over the measured window), and the server process's CPU time per
-request (all its threads, from /proc: unlike the wall clock, hardly changed by other load on the
-machine). The server and the clients share the machine's cores; the clients are one asyncio
+request (all its threads, and with --workers N all N worker processes, from /proc: unlike the wall
+clock, hardly changed by other load on the machine). The server and the clients share the machine's cores; the clients are one asyncio
 process writing raw HTTP/1.1, to cost little.
 
 The image: "canvas" is a 280x280 PNG of a drawn 7, what the page sends; "mnist" a 28x28 test
@@ -62,12 +62,12 @@ def test_image(kind: str) -> bytes:
 
 
 class Server:
-    def __init__(self, model: Path, max_batch: int, max_wait_ms: float, log: Path):
-        self.port = free_port()
+    def __init__(self, model: Path, max_batch: int, max_wait_ms: float, workers: int, log: Path):
+        self.port, self.workers = free_port(), workers
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hwr_dist.cli", "serve", str(model), "--host", HOST, "--port", str(self.port),
-             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
+             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--workers", str(workers)],
             cwd=ROOT, stdout=self.log, stderr=self.log,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))})
         deadline = time.monotonic() + 120
@@ -80,16 +80,28 @@ class Server:
         raise SystemExit(f"the server did not start; see {log}")
 
     def batches(self) -> tuple[float, float]:
-        """(images, forward passes) so far, from /metrics."""
+        """(images, forward passes) so far, from /metrics; (nan, nan) with several workers, where /metrics
+        answers for whichever worker took the connection."""
+        if self.workers > 1:
+            return float("nan"), float("nan")
         text = urllib.request.urlopen(f"http://{HOST}:{self.port}/metrics", timeout=10).read().decode()
         total = float(re.search(r"^hwr_batch_size_sum (\S+)$", text, re.M).group(1))
         count = float(re.search(r"^hwr_batch_size_count (\S+)$", text, re.M).group(1))
         return total, count
 
     def cpu_s(self) -> float:
-        """CPU seconds the server process has used (all its threads): comparable under a shared load."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds the server has used (all its threads, and its worker processes while they run):
+        comparable under a shared load."""
+        pids = [self.proc.pid] + [int(p) for p in Path(f"/proc/{self.proc.pid}/task").glob("*/children")
+                                  for p in p.read_text().split()]
+        total = 0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:  # a worker that has just exited
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -154,6 +166,7 @@ def main() -> None:
     ap.add_argument("--image", choices=("canvas", "mnist"), default="canvas")
     ap.add_argument("--max-batch", type=int, default=64, help="batching on (off is --max-batch 1)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--workers", type=int, default=1, help="server processes (hwr serve --workers)")
     args = ap.parse_args()
     image = test_image(args.image)
     clients = [int(c) for c in args.clients.split(",")]
@@ -162,7 +175,7 @@ def main() -> None:
         models = {"checkpoint": args.model, "onnx": args.onnx or onnx_export(args.model, Path(tmp))}
         for kind, path in models.items():
             for mode, max_batch in (("batching", args.max_batch), ("per request", 1)):
-                server = Server(path, max_batch, args.max_wait_ms, Path(tmp) / f"{kind}-{max_batch}.log")
+                server = Server(path, max_batch, args.max_wait_ms, args.workers, Path(tmp) / f"{kind}-{max_batch}.log")
                 try:
                     for n in clients:
                         r = asyncio.run(load(server, n, image, args.warmup, args.seconds, args.max_requests))
@@ -177,7 +190,7 @@ def main() -> None:
 
 def print_table(rows: list[dict], args) -> None:
     print(f"\nimage: {args.image}; {args.seconds:g} s per cell after {args.warmup:g} s warm-up; batching = "
-          f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; load at the end "
+          f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; --workers {args.workers}; load at the end "
           f"{os.getloadavg()[0]:.2f}\n")
     print("| model | mode | clients | requests/s | p50 ms | p99 ms | mean batch | server CPU ms/request |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
