@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from hwr_dist.data.imagefolder import load_imagefolder
+from hwr_dist.data import preprocess
 from hwr_dist.data.preprocess import mnist_style, open_image, segment_row
 from hwr_dist.errors import HwrError
 
@@ -87,6 +88,28 @@ def test_specks_on_the_paper_are_ignored():
     img = page((400, 300), "7")
     ImageDraw.Draw(img).rectangle([5, 280, 7, 282], fill=0)  # a speck far from the character
     assert mean_diff(mnist_style(img), mnist_style(page((400, 300), "7"))) < 2
+
+
+@pytest.mark.parametrize("dark", [True, False])
+def test_the_mask_worked_out_per_grey_level_is_the_per_pixel_rule(dark):
+    """`_binarise` reads a photo's histogram instead of its pixels; the rule it applies is per pixel:
+    ink strength |grey - paper| beyond both the noise floor and Otsu's threshold of those strengths."""
+    rng = np.random.default_rng(1 if dark else 2)
+    for _ in range(10):
+        paper = int(rng.integers(60, 200))
+        gray = np.clip(paper + rng.normal(0, rng.uniform(1, 8), (60, 90)), 0, 255)
+        ys, xs = rng.integers(8, 52, 40), rng.integers(8, 82, 40)
+        gray[ys[:, None] + np.arange(-2, 3), xs[:, None] + np.arange(-2, 3)] += (-1 if dark else 1) * rng.uniform(40, 60)
+        gray = np.clip(gray, 0, 255).astype(np.uint8)
+        g = gray.astype(np.float32)
+        border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+        level = np.median(border)
+        floor = max(preprocess.MIN_CONTRAST, preprocess.NOISE_SIGMAS * 1.4826 * np.median(np.abs(border - level)))
+        strength = np.maximum(level - g, 0) if dark else np.maximum(g - level, 0)
+        otsu = preprocess._otsu(np.bincount(np.rint(strength).astype(np.int64).ravel(), minlength=256))
+        want = strength > max(otsu, floor)
+        got = preprocess._binarise(gray)
+        assert want.sum() > 100 and np.array_equal(got, want)
 
 
 def test_colour_and_transparent_images_match_grey():

@@ -148,9 +148,12 @@ def _ink_crop(img: Image.Image, speck: float, name: str) -> np.ndarray:
     if not mask.any():
         raise HwrError(_no_ink(name))
     comps = _components(mask)
-    mask = _wanted(comps, np.flatnonzero(comps.area >= speck * comps.area.max()))[comps.labels]
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    keep = np.flatnonzero(comps.area >= speck * comps.area.max())
+    top, bottom = comps.top[keep].min(), comps.bottom[keep].max() + 1
+    left, right = comps.left[keep].min(), comps.right[keep].max() + 1
+    if len(keep) == len(comps.area):  # no specks (the usual case): the mask as it is
+        return mask[top:bottom, left:right]
+    return _wanted(comps, keep)[comps.labels[top:bottom, left:right]]
 
 
 def segment_row(img: Image.Image, name: str = "the image") -> list[Image.Image]:
@@ -208,33 +211,40 @@ def _stretch(img: Image.Image) -> Image.Image:
 
 
 def _gray(img: Image.Image) -> np.ndarray:
-    """Grey levels (float), shrunk to WORK_SIDE at most."""
+    """Grey levels (uint8), shrunk to WORK_SIDE at most."""
     gray = _flatten(img).convert("L")
     scale = WORK_SIDE / max(gray.size)
     if scale < 1:
         gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))),
                            Image.Resampling.BOX)
-    return np.asarray(gray, dtype=np.float32)
+    return np.asarray(gray)
 
 
 def _binarise(gray: np.ndarray) -> np.ndarray:
-    """Ink mask: the paper level comes from the border, the ink is what lies far from it on either side."""
+    """Ink mask: the paper level comes from the border, the ink is what lies far from it on either side.
+
+    Everything is worked out once per grey level, weighted by the level's pixel count, and the
+    image is read only twice (its histogram, then the mask): a photo has millions of pixels."""
     band = max(1, min(gray.shape) // 50)
     border = np.concatenate([gray[:band].ravel(), gray[-band:].ravel(), gray[:, :band].ravel(),
-                             gray[:, -band:].ravel()])
+                             gray[:, -band:].ravel()]).astype(np.float32)
     paper = np.median(border)
     noise = 1.4826 * np.median(np.abs(border - paper))  # robust standard deviation of the paper texture
     floor = max(MIN_CONTRAST, NOISE_SIGMAS * noise)
-    darker, lighter = np.maximum(paper - gray, 0), np.maximum(gray - paper, 0)
+    count = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    level = np.arange(256, dtype=np.float32)
+    darker, lighter = np.maximum(paper - level, 0), np.maximum(level - paper, 0)  # ink strength per level
     # Polarity: whichever side holds more clearly-off-paper mass is the ink (noise is symmetric).
-    dark_ink = np.maximum(darker - floor, 0).sum() >= np.maximum(lighter - floor, 0).sum()
+    dark_ink = count @ np.maximum(darker - floor, 0) >= count @ np.maximum(lighter - floor, 0)
     ink = darker if dark_ink else lighter
-    return ink > max(_otsu(ink), floor)
+    is_ink = ink > max(_otsu(np.bincount(np.rint(ink).astype(np.int64), count, 256)), floor)
+    # Ink strength only grows away from the paper, so the ink levels are the darkest (or lightest) few.
+    few = int(np.count_nonzero(is_ink))
+    return gray < few if dark_ink else gray >= 256 - few
 
 
-def _otsu(values: np.ndarray) -> int:
-    """Otsu's threshold on 0..255 values: those above it are foreground."""
-    hist = np.bincount(np.rint(values).astype(np.int64).ravel(), minlength=256)[:256].astype(np.float64)
+def _otsu(hist: np.ndarray) -> int:
+    """Otsu's threshold from a histogram of 0..255 values (256 counts): those above it are foreground."""
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
     m0 = np.cumsum(hist * np.arange(256))
@@ -258,11 +268,12 @@ class _Components:
 def _components(mask: np.ndarray) -> _Components:
     """Connected components by union-find over horizontal runs: few runs, so the Python loop stays short."""
     h, w = mask.shape
-    padded = np.zeros((h, w + 2), np.int8)
+    padded = np.zeros((h, w + 2), bool)
     padded[:, 1:-1] = mask
-    step = np.diff(padded, axis=1)
-    row, start = np.nonzero(step == 1)
-    end = np.nonzero(step == -1)[1]  # exclusive; nonzero scans row by row, so ends pair with starts
+    # Where a padded row changes: in scan order each row's changes alternate run start, run end (exclusive).
+    edges = np.flatnonzero(padded[:, 1:] != padded[:, :-1])
+    row, start = np.divmod(edges[0::2], w + 1)
+    end = edges[1::2] % (w + 1)
     parent = list(range(len(row)))
 
     def find(x: int) -> int:
