@@ -11,8 +11,8 @@ for --seconds after a warm-up of --warmup seconds (at most --max-requests reques
 Reported: requests/s, p50 and p99 latency as the client sees it, and the mean images per forward
 pass (from the server's /metrics, over the measured window), and the server process's CPU time per
 request (all its threads, and with --workers N all N worker processes, from /proc: unlike the wall
-clock, hardly changed by other load on the machine). The server and the clients share the machine's cores; the clients are one asyncio
-process writing raw HTTP/1.1, to cost little.
+clock, hardly changed by other load on the machine). The server and the clients share the
+machine's cores; the clients are one asyncio process writing raw HTTP/1.1, to cost little.
 
 The image: "canvas" is a 280x280 PNG of a drawn 7, what the page sends; "mnist" a 28x28 test
 image of the built-in sample, what a program holding MNIST-style data sends.
@@ -92,8 +92,8 @@ class Server:
     def cpu_s(self) -> float:
         """CPU seconds the server has used (all its threads, and its worker processes while they run):
         comparable under a shared load."""
-        pids = [self.proc.pid] + [int(p) for p in Path(f"/proc/{self.proc.pid}/task").glob("*/children")
-                                  for p in p.read_text().split()]
+        children = Path(f"/proc/{self.proc.pid}/task").glob("*/children")
+        pids = [self.proc.pid] + [int(pid) for listing in children for pid in listing.read_text().split()]
         total = 0
         for pid in pids:
             try:

@@ -237,7 +237,8 @@ def _binarise(gray: np.ndarray) -> np.ndarray:
     # Polarity: whichever side holds more clearly-off-paper mass is the ink (noise is symmetric).
     dark_ink = count @ np.maximum(darker - floor, 0) >= count @ np.maximum(lighter - floor, 0)
     ink = darker if dark_ink else lighter
-    is_ink = ink > max(_otsu(np.bincount(np.rint(ink).astype(np.int64), count, 256)), floor)
+    strengths = np.bincount(np.rint(ink).astype(np.int64), weights=count, minlength=256)  # Otsu's histogram
+    is_ink = ink > max(_otsu(strengths), floor)
     # Ink strength only grows away from the paper, so the ink levels are the darkest (or lightest) few.
     few = int(np.count_nonzero(is_ink))
     return gray < few if dark_ink else gray >= 256 - few
