@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, env, wait_for
+from conftest import ROOT, env, one_error_line, run, wait_for
 from paper_images import paper_row, write_paper_digits
 from PIL import Image, ImageDraw
 
@@ -201,6 +201,14 @@ def test_upload_a_photo_and_a_number(browser, server, tmp_path):
     status, api = server.request("POST", "/v1/predict?segment=true", row.read_bytes())
     assert status == 200 and page["prediction"] == api["prediction"] and len(api["prediction"]) == 4, (page, api)
     assert page["bars"] == expected_bars(api) and len(page["inputs"]) == 4
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_server_on_a_port_in_use_is_one_error_line(server, run_dir, workers):
+    proc = run([sys.executable, "-m", "hwr_dist.cli", "serve", str(run_dir), "--port", str(server.port),
+                "--workers", str(workers)], PYTHONPATH=str(ROOT), timeout=120)
+    assert proc.returncode == 2 and f"port {server.port} on 127.0.0.1 is already in use" in one_error_line(proc)
+    assert server.healthy()  # the first one serves on
 
 
 def burst_image() -> bytes:

@@ -6,9 +6,11 @@ here, when the command runs, so `hwr --help` and the other commands never pay fo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -47,10 +49,39 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     # a bad model fails here, as one error line, before the port is bound
     app = create_app(settings["model"], max_batch, max_wait_ms, inference_threads=INFERENCE_THREADS)
     served = app.state.hwr.served
+    sock = listen(host, port)
+    port = sock.getsockname()[1]  # --port 0: the free port found
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"serving {served.file} ({served.format}, {served.id}, {len(served.classes)} classes) on {where} "
           f"with {workers} worker{'s' if workers > 1 else ''}; max batch {max_batch}, max wait {max_wait_ms:g} ms; "
           f"page at {where}/, OpenAPI schema at {where}/openapi.json", file=sys.stderr, flush=True)
-    target = app if workers == 1 else f"{app_from_env.__module__}:{app_from_env.__name__}"
-    uvicorn.run(target, factory=workers > 1, host=host, port=port, workers=workers, access_log=False,
-                log_level="info", timeout_graceful_shutdown=GRACEFUL_S, server_header=False)
+    options = {"access_log": False, "log_level": "info", "timeout_graceful_shutdown": GRACEFUL_S,
+               "server_header": False}
+    if workers == 1:
+        # uvicorn serves on the socket bound above: no second start can take the port in between.
+        server = uvicorn.Server(uvicorn.Config(app, **options))
+        server.run(sockets=[sock])
+        if not server.started:  # the app's start-up failed; uvicorn has said why
+            sys.exit(3)
+        return
+    # Several workers: uvicorn's supervisor binds the port itself, at once; the check above names a port in use.
+    sock.close()
+    uvicorn.run(f"{app_from_env.__module__}:{app_from_env.__name__}", factory=True, host=host, port=port,
+                workers=workers, **options)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, set up as uvicorn sets up its own, or one error line: a port in
+    use (another `hwr serve`, say) would otherwise end in uvicorn's log lines and exit status 3."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # listening at once: a second server started now finds the port taken
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise HwrError(f"port {port} on {host} is already in use (another hwr serve?); stop that server or "
+                           "pass another --port") from None
+        raise HwrError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+    return sock
