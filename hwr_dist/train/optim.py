@@ -42,12 +42,12 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         params += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": lr_scale},
                    {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
     params = [g for g in params if g["params"]]
+    cls = EAGER[cfg.name]
     if cfg.name == "sgd":
-        return EAGER["sgd"](params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return cls(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     # The fused kernel updates every parameter in one pass (same maths): on CUDA a few launches and no
     # host sync, on a CPU about a fifth of the per-tensor loop's time (a tenth of a small CNN's step).
     fused = all(p.device.type in ("cpu", "cuda") for g in params for p in g["params"])
-    cls = EAGER[cfg.name]
     return cls(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), **({"fused": True} if fused else {}))
 
 
