@@ -2,11 +2,13 @@
 
 MNIST was made from bilevel NIST scans: each character was scaled (anti-aliased, aspect kept)
 so that its longer side is 20 pixels, then put in a 28x28 field with its centre of mass at the
-centre. `mnist_style` binarises the photo and repeats those steps, so a user's own images look
-like the training data (ink white on black).
+centre. `mnist_style` finds the ink of the photo and repeats those steps, so a user's own images
+look like the training data (ink white on black). The ink keeps its grey levels, measured from
+the paper (the darkest tenth of the ink is 255), rather than a bilevel mask: a small or blurred
+scan holds much of a stroke's shape in them (bench/RESULTS.md, "Grey levels of the ink").
 
-Sequence models (CRNN) read a whole number or line of text instead: `line_image` binarises the
-same way, crops the ink and scales it, aspect kept, to sit in the model's input height as the
+Sequence models (CRNN) read a whole number or line of text instead: `line_image` finds the ink
+the same way, crops it and scales it, aspect kept, to sit in the model's input height as the
 training lines' ink sat (`LineLayout`, from the run's config by `line_layout`).
 """
 
@@ -27,6 +29,7 @@ MAX_MEGAPIXELS = 40
 WORK_SIDE = 2048  # larger images are shrunk first: 20 output pixels need far less, and memory stays flat
 MIN_CONTRAST = 24  # ink must differ from the paper by at least this many grey levels
 NOISE_SIGMAS = 4  # ...and by this many standard deviations of the paper's own texture
+SOLID = 0.9  # ink at least as strong as this share of the ink's pixels is solid (255): outliers set no scale
 SPECK = 0.02  # in one character, parts smaller than this fraction of the largest part are noise
 ROW_SPECK = 0.005  # in a row, parts this small next to the largest cannot even be the dot of an i
 ROW_SMALL = 0.1  # in a row, characters below this fraction of the median one are specks
@@ -143,22 +146,25 @@ def line_image(img: Image.Image, layout: LineLayout, name: str = "the image") ->
 
 
 def _ink_crop(img: Image.Image, speck: float, name: str) -> np.ndarray:
-    """The ink mask cropped to its bounding box, without parts smaller than `speck` times the largest."""
-    mask = _binarise(_gray(img))
+    """The ink's levels (uint8) cropped to its bounding box, without parts smaller than `speck` times the largest."""
+    gray = _gray(img)
+    mask, levels = _find_ink(gray)
     if not mask.any():
         raise HwrError(_no_ink(name))
     comps = _components(mask)
     keep = np.flatnonzero(comps.area >= speck * comps.area.max())
     top, bottom = comps.top[keep].min(), comps.bottom[keep].max() + 1
     left, right = comps.left[keep].min(), comps.right[keep].max() + 1
-    if len(keep) == len(comps.area):  # no specks (the usual case): the mask as it is
-        return mask[top:bottom, left:right]
-    return _wanted(comps, keep)[comps.labels[top:bottom, left:right]]
+    crop = levels[gray[top:bottom, left:right]]
+    if len(keep) == len(comps.area):  # no specks (the usual case)
+        return crop
+    return crop * _wanted(comps, keep, faint=True)[comps.labels[top:bottom, left:right]]
 
 
 def segment_row(img: Image.Image, name: str = "the image") -> list[Image.Image]:
     """The characters of a row, left to right, each an "L" image (white on black) for `mnist_style`."""
-    mask = _binarise(_gray(img))
+    gray = _gray(img)
+    mask, levels = _find_ink(gray)
     if not mask.any():
         raise HwrError(_no_ink(name))
     comps = _components(mask)
@@ -167,7 +173,8 @@ def segment_row(img: Image.Image, name: str = "the image") -> list[Image.Image]:
     areas = np.array([comps.area[g].sum() for g in groups])
     chars = [g for g, a in zip(groups, areas) if a >= ROW_SMALL * np.median(areas)]
     chars.sort(key=lambda g: comps.left[g].min())
-    return [_crop(comps, g) for g in chars]
+    ink = levels[gray]
+    return [_crop(comps, g, ink) for g in chars]
 
 
 def _check_size(name: str, size: tuple[int, int]) -> None:
@@ -220,10 +227,12 @@ def _gray(img: Image.Image) -> np.ndarray:
     return np.asarray(gray)
 
 
-def _binarise(gray: np.ndarray) -> np.ndarray:
-    """Ink mask: the paper level comes from the border, the ink is what lies far from it on either side.
+def _find_ink(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ink mask, and the ink level (uint8, 0 for paper) of each of the 256 grey levels.
 
-    Everything is worked out once per grey level, weighted by the level's pixel count, and the
+    The paper level comes from the border; the ink is what lies far from it on either side, and
+    its level is its distance from the paper, 255 for the strongest tenth of the ink. Everything
+    is worked out once per grey level, weighted by the level's pixel count, and the
     image is read only twice (its histogram, then the mask): a photo has millions of pixels."""
     band = max(1, min(gray.shape) // 50)
     border = np.concatenate([gray[:band].ravel(), gray[-band:].ravel(), gray[:, :band].ravel(),
@@ -241,7 +250,19 @@ def _binarise(gray: np.ndarray) -> np.ndarray:
     is_ink = ink > max(_otsu(strengths), floor)
     # Ink strength only grows away from the paper, so the ink levels are the darkest (or lightest) few.
     few = int(np.count_nonzero(is_ink))
-    return gray < few if dark_ink else gray >= 256 - few
+    mask = gray < few if dark_ink else gray >= 256 - few
+    # Levels scale from the paper, not from the noise floor: on a noisy or shaded page the floor is
+    # high, and measuring from it would dim every stroke. Within the floor is paper.
+    strongest = _quantile(ink[is_ink], count[is_ink], SOLID) if is_ink.any() else 1.0
+    levels = np.where(ink > floor, np.minimum(ink * (255 / strongest), 255), 0)
+    return mask, np.rint(levels).astype(np.uint8)
+
+
+def _quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The `q` quantile of `values`, each counted `weights` times."""
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, q * cum[-1])])
 
 
 def _otsu(hist: np.ndarray) -> int:
@@ -324,10 +345,12 @@ def _touching_runs(row: np.ndarray, start: np.ndarray, end: np.ndarray, w: int) 
     return np.repeat(lo, count) + offset, below
 
 
-def _wanted(comps: _Components, ids: np.ndarray) -> np.ndarray:
-    """Lookup table from label value to "in one of `ids`" (faster than np.isin on a whole image)."""
+def _wanted(comps: _Components, ids: np.ndarray, faint: bool = False) -> np.ndarray:
+    """Lookup table from label value to "in one of `ids`" (faster than np.isin on a whole image);
+    with `faint`, pixels outside every component (faint ink at the strokes' edges) are wanted too."""
     table = np.zeros(len(comps.area) + 1, bool)
     table[ids + 1] = True
+    table[0] = faint
     return table
 
 
@@ -337,12 +360,12 @@ def _fit_box(crop: np.ndarray) -> np.ndarray:
 
 
 def _scale(crop: np.ndarray, scale: float) -> np.ndarray:
-    """A boolean ink mask scaled by `scale` on both axes, anti-aliased: uint8 levels, 255 for solid ink."""
+    """Ink levels (uint8) scaled by `scale` on both axes, anti-aliased."""
     h, w = crop.shape
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     # BOX averages pixel areas when shrinking (MNIST's anti-aliasing); bilinear avoids blocks when enlarging.
     resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize(size, resample))
+    return np.asarray(Image.fromarray(crop).resize(size, resample))
 
 
 def _centre(char: np.ndarray) -> np.ndarray:
@@ -376,10 +399,10 @@ def _group_columns(comps: _Components, order: np.ndarray) -> list[np.ndarray]:
     return [np.array(g) for g in groups]
 
 
-def _crop(comps: _Components, ids: np.ndarray) -> Image.Image:
-    """The character alone (neighbours reaching into its box are left out), with a black margin."""
-    top, bottom = comps.top[ids].min(), comps.bottom[ids].max()
-    left, right = comps.left[ids].min(), comps.right[ids].max()
-    char = _wanted(comps, ids)[comps.labels[top:bottom + 1, left:right + 1]]
+def _crop(comps: _Components, ids: np.ndarray, levels: np.ndarray) -> Image.Image:
+    """The character's ink levels alone (neighbours reaching into its box are left out), with a black margin."""
+    top, bottom = comps.top[ids].min(), comps.bottom[ids].max() + 1
+    left, right = comps.left[ids].min(), comps.right[ids].max() + 1
+    char = levels[top:bottom, left:right] * _wanted(comps, ids, faint=True)[comps.labels[top:bottom, left:right]]
     margin = max(2, max(char.shape) // 8)  # enough plain border for mnist_style to read the paper level
-    return Image.fromarray(np.pad(char, margin).astype(np.uint8) * 255)
+    return Image.fromarray(np.pad(char, margin))

@@ -69,8 +69,8 @@ def model_id(architecture: str, path: Path) -> str:
 def input_contract(mean: float, std: float) -> dict[str, Any]:
     return {"size": [SIDE, SIDE], "shape": ["batch", 1, SIDE, SIDE], "color": "grayscale", "ink": "white on black",
             "mean": float(mean), "std": float(std),
-            "preprocess": "the image is binarised, the ink cropped and scaled so its longer side is 20 pixels, "
-                          "centred by mass in 28x28 (MNIST-style, as `hwr predict`), then "
+            "preprocess": "the ink found (grey levels kept, measured from the paper), cropped and scaled so "
+                          "its longer side is 20 pixels, centred by mass in 28x28 (MNIST-style, as `hwr predict`), then "
                           "float32 (p / 255 - mean) / std"}
 
 
