@@ -43,7 +43,6 @@ def pages(rng: np.random.Generator) -> dict:
 
 
 def main() -> None:
-    torch.manual_seed(0)
     test = load_dataset("mnist-sample", "unused").test
     meta = torch.load(BUILTIN, map_location="cpu", weights_only=True)["meta"]
     b = builtin_model_config()

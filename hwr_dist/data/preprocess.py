@@ -158,7 +158,7 @@ def _ink_crop(img: Image.Image, speck: float, name: str) -> np.ndarray:
     crop = levels[gray[top:bottom, left:right]]
     if len(keep) == len(comps.area):  # no specks (the usual case)
         return crop
-    return crop * _wanted(comps, keep, faint=True)[comps.labels[top:bottom, left:right]]
+    return crop * _wanted(comps, keep)[comps.labels[top:bottom, left:right]]
 
 
 def segment_row(img: Image.Image, name: str = "the image") -> list[Image.Image]:
@@ -173,8 +173,7 @@ def segment_row(img: Image.Image, name: str = "the image") -> list[Image.Image]:
     areas = np.array([comps.area[g].sum() for g in groups])
     chars = [g for g, a in zip(groups, areas) if a >= ROW_SMALL * np.median(areas)]
     chars.sort(key=lambda g: comps.left[g].min())
-    ink = levels[gray]
-    return [_crop(comps, g, ink) for g in chars]
+    return [_crop(comps, g, gray, levels) for g in chars]
 
 
 def _check_size(name: str, size: tuple[int, int]) -> None:
@@ -345,12 +344,12 @@ def _touching_runs(row: np.ndarray, start: np.ndarray, end: np.ndarray, w: int) 
     return np.repeat(lo, count) + offset, below
 
 
-def _wanted(comps: _Components, ids: np.ndarray, faint: bool = False) -> np.ndarray:
-    """Lookup table from label value to "in one of `ids`" (faster than np.isin on a whole image);
-    with `faint`, pixels outside every component (faint ink at the strokes' edges) are wanted too."""
+def _wanted(comps: _Components, ids: np.ndarray) -> np.ndarray:
+    """Lookup table from label value to "in one of `ids` or in none" (faster than np.isin on a whole
+    image): pixels outside every component are the faint ink at the strokes' edges, or paper (0)."""
     table = np.zeros(len(comps.area) + 1, bool)
     table[ids + 1] = True
-    table[0] = faint
+    table[0] = True
     return table
 
 
@@ -399,10 +398,11 @@ def _group_columns(comps: _Components, order: np.ndarray) -> list[np.ndarray]:
     return [np.array(g) for g in groups]
 
 
-def _crop(comps: _Components, ids: np.ndarray, levels: np.ndarray) -> Image.Image:
-    """The character's ink levels alone (neighbours reaching into its box are left out), with a black margin."""
-    top, bottom = comps.top[ids].min(), comps.bottom[ids].max() + 1
-    left, right = comps.left[ids].min(), comps.right[ids].max() + 1
-    char = levels[top:bottom, left:right] * _wanted(comps, ids, faint=True)[comps.labels[top:bottom, left:right]]
+def _crop(comps: _Components, ids: np.ndarray, gray: np.ndarray, levels: np.ndarray) -> Image.Image:
+    """The character's ink levels alone (neighbours reaching into its box are left out), with a black margin;
+    `levels` is `_find_ink`'s table from grey level to ink level."""
+    box = (slice(comps.top[ids].min(), comps.bottom[ids].max() + 1),
+           slice(comps.left[ids].min(), comps.right[ids].max() + 1))
+    char = levels[gray[box]] * _wanted(comps, ids)[comps.labels[box]]
     margin = max(2, max(char.shape) // 8)  # enough plain border for mnist_style to read the paper level
     return Image.fromarray(np.pad(char, margin))
